@@ -1,0 +1,1 @@
+"""bifocal.data_pipeline"""

@@ -1,0 +1,169 @@
+"""The `bifocal` command: parses arguments and dispatches, nothing else.
+
+Handlers are imported lazily (torch and deepspeed take seconds to import) so `bifocal --help`
+is instant. Each handler is `module:function(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="YAML config (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def _prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize corpora into packed token shards")
+    p.add_argument("config", nargs="?", default=None, help="YAML config with a data: section (default: demo)")
+    p.add_argument("--out", default=None, help="output directory (default: data.prepared_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.set_defaults(handler="bifocal.launcher.commands:prepare")
+
+
+def _train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with a DeepSpeed engine (one process or many)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--run-dir", default=None, help="run directory (default: train.out_dir/train.run_name)")
+    p.add_argument("--init-from-hf", default=None, metavar="DIR",
+                   help="continue pretraining a local Hugging Face Llama-family model, spectralized")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(handler="bifocal.launcher.train:main")
+
+
+def _launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch", help="run `bifocal train` under the deepspeed launcher (multi-GPU / multi-node)",
+        description="bifocal launch [deepspeed launcher options] -- [train options]",
+    )
+    p.add_argument("launcher_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler="bifocal.launcher.launch:main")
+
+
+def _eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity, passkey, reports, spectral inspection")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+
+    ppl = esub.add_parser("ppl", help="perplexity at several context lengths")
+    ppl.add_argument("model", help="run directory or exported model directory")
+    ppl.add_argument("--data", default=None, help="prepared data dir (validation split) or raw files")
+    ppl.add_argument("--lengths", default="512,1024,2048", help="comma-separated context lengths")
+    ppl.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    ppl.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])
+    ppl.add_argument("--factor", type=float, default=None, help="rope scaling factor (default: max length / train length)")
+    ppl.add_argument("--max-docs", type=int, default=None, help="documents per length (default: all)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="tokens scored per length at most")
+    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--device", default=None)
+    ppl.add_argument("--out", default=None, help="JSON result path")
+    ppl.set_defaults(handler="bifocal.eval.perplexity:main")
+
+    rep = esub.add_parser("report", help="collect results into report.md and extrapolation.png")
+    rep.add_argument("results", nargs="+", help="result JSON files or directories holding them")
+    rep.add_argument("--out", default="report", help="output directory")
+    rep.set_defaults(handler="bifocal.eval.report:main")
+
+    pk = esub.add_parser("passkey", help="passkey retrieval accuracy against context length")
+    pk.add_argument("model")
+    pk.add_argument("--lengths", default="256,512,1024")
+    pk.add_argument("--trials", type=int, default=10)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])
+    pk.add_argument("--factor", type=float, default=None)
+    pk.add_argument("--device", default=None)
+    pk.add_argument("--out", default=None)
+    pk.set_defaults(handler="bifocal.eval.passkey:main")
+
+    sp = esub.add_parser("spectrum", help="learned Omega, A, Phi against the RoPE initialisation")
+    sp.add_argument("model")
+    sp.add_argument("--out", default=None, help="output directory (default: RUN/spectrum)")
+    sp.add_argument("--data", default=None, help="data for attention-entropy measurement")
+    sp.add_argument("--modulus", type=int, default=None, help="compare frequencies with 2*pi/p")
+    sp.set_defaults(handler="bifocal.eval.spectrum:main")
+
+    tk = esub.add_parser("tasks", help="algorithmic tasks: loss and exact match in/out of distribution")
+    tk.add_argument("model")
+    tk.add_argument("--task", required=True, choices=["dyck", "modular", "rotation"])
+    tk.add_argument("--n", type=int, default=200, help="examples per setting")
+    tk.add_argument("--seed", type=int, default=1)
+    tk.add_argument("--out", default=None)
+    tk.set_defaults(handler="bifocal.eval.tasks_eval:main")
+
+
+def _study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="multi-run studies")
+    ssub = p.add_subparsers(dest="study_command", required=True)
+    ex = ssub.add_parser("extrapolation", help="train rope/bifocal/spectral/pope, evaluate 1x-16x, report")
+    ex.add_argument("--preset", default="cpu", help="cpu | gpu-125m | path to a study YAML")
+    ex.add_argument("--out", default="runs/study", help="study directory")
+    ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ex.add_argument("--schemes", default=None, help="comma-separated subset of schemes")
+    ex.set_defaults(handler="bifocal.eval.study:main")
+
+
+def _export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face directory")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--max-shard-size", default="2GB")
+    p.set_defaults(handler="bifocal.launcher.export:main")
+
+
+def _generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a run or an exported model")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step")
+    p.add_argument("--device", default=None)
+    p.set_defaults(handler="bifocal.eval.generate:main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bifocal",
+        description="Pretrain GPT-style models with bifocal attention on DeepSpeed.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_prepare, _train, _launch, _eval, _study, _export, _generate):
+        add(sub)
+    return parser
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_resolve(args.handler)(args) or 0)
+    except UserError as exc:
+        print(f"bifocal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bifocal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

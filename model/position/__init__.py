@@ -1,0 +1,1 @@
+"""bifocal.model.position"""
