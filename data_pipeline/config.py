@@ -1,0 +1,117 @@
+"""Data configuration: plain dataclasses validated on construction.
+
+The launcher's strict YAML loader (`bifocal.model.config.from_dict`) builds these from a `data:`
+section using `__nested__`, rejects unknown keys and makes relative paths absolute first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import DataError
+
+TOKENIZER_TYPES = ("bpe", "sentencepiece_unigram", "sentencepiece_bpe")
+SYNTHETIC_TASKS = ("dyck", "modular", "rotation")
+# Source names become shard file names, so keep them to a portable character set.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise DataError(f"{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    weight: float = 1.0
+    path: str | None = None  # a file (.txt .jsonl .jsonl.gz .jsonl.zst .parquet), a folder, or a glob pattern
+    glob: str | None = None  # with a folder `path`: e.g. "**/*.py", one document per file (source-code trees)
+    hf_dataset: str | None = None  # Hugging Face hub dataset name, read with datasets streaming
+    hf_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = None
+    synthetic: dict | None = None  # {"task": "dyck"|"modular"|"rotation", "n_documents": int, "seed": int, ...}
+
+    def __post_init__(self) -> None:
+        where = f"source {self.name!r}"
+        _check(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)), "name", self.name,
+               "must be letters, digits, '_', '-' or '.' (it names shard files)")
+        _check(isinstance(self.weight, (int, float)) and self.weight >= 0, f"{where}: weight", self.weight,
+               "must be a number >= 0")
+        self.weight = float(self.weight)
+        kinds = [k for k in ("path", "hf_dataset", "synthetic") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise DataError(f"{where}: set exactly one of path, hf_dataset, synthetic "
+                            f"(got {', '.join(kinds) if kinds else 'none'})")
+        _check(self.glob is None or self.path is not None, f"{where}: glob", self.glob,
+               "needs a folder `path` to search in")
+        _check(self.max_documents is None or (isinstance(self.max_documents, int) and self.max_documents > 0),
+               f"{where}: max_documents", self.max_documents, "must be a positive integer or null")
+        _check(isinstance(self.text_field, str) and bool(self.text_field), f"{where}: text_field", self.text_field,
+               "must be a non-empty string")
+        if self.synthetic is not None:
+            syn = self.synthetic
+            _check(isinstance(syn, Mapping), f"{where}: synthetic", syn, "must be a mapping with task, n_documents, seed")
+            _check(syn.get("task") in SYNTHETIC_TASKS, f"{where}: synthetic.task", syn.get("task"),
+                   f"one of {', '.join(SYNTHETIC_TASKS)}")
+            n = syn.get("n_documents")
+            _check(isinstance(n, int) and n > 0, f"{where}: synthetic.n_documents", n, "must be a positive integer")
+            _check(isinstance(syn.get("seed", 0), int), f"{where}: synthetic.seed", syn.get("seed"), "must be an integer")
+            self.synthetic = dict(syn)
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "bpe"  # bpe (byte-level BPE, `tokenizers`) | sentencepiece_unigram | sentencepiece_bpe
+    vocab_size: int = 4096
+    path: str | None = None  # existing tokenizer.json or SentencePiece .model: load instead of training
+    train_chars: int = 20_000_000  # cap on characters used to train the tokenizer
+
+    def __post_init__(self) -> None:
+        _check(self.type in TOKENIZER_TYPES, "tokenizer.type", self.type, f"one of {', '.join(TOKENIZER_TYPES)}")
+        # 257 = 256 byte symbols + the end-of-document token; above 2^32 ids do not fit the shards.
+        _check(isinstance(self.vocab_size, int) and 257 <= self.vocab_size < 2**32, "tokenizer.vocab_size",
+               self.vocab_size, "must be an integer in [257, 2^32)")
+        _check(isinstance(self.train_chars, int) and self.train_chars > 0, "tokenizer.train_chars",
+               self.train_chars, "must be a positive integer")
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="austen", weight=1.0, path=str(BUNDLED_DATA / "nl_small_austen.jsonl.gz")),
+        SourceConfig(name="pystdlib", weight=1.0, path=str(BUNDLED_DATA / "code_small_pystdlib.jsonl.gz")),
+    ]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    val_fraction: float = 0.05
+    prepared_dir: str = "runs/data/demo"
+
+    __nested__ = {"sources": [SourceConfig], "tokenizer": TokenizerConfig}
+
+    def __post_init__(self) -> None:
+        # Accept plain mappings too, so the dataclasses work without the launcher's loader.
+        if isinstance(self.tokenizer, Mapping):
+            self.tokenizer = TokenizerConfig(**self.tokenizer)
+        _check(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0, "sources", self.sources,
+               "must be a non-empty list")
+        self.sources = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in self.sources]
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _check(not dupes, "sources", dupes, "source names must be unique")
+        _check(sum(s.weight for s in self.sources) > 0, "sources.weight", [s.weight for s in self.sources],
+               "at least one source needs a weight > 0")
+        _check(isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0, "val_fraction",
+               self.val_fraction, "must be in [0, 1)")
+        _check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
+               "must be a non-empty path")
