@@ -1,0 +1,202 @@
+"""A decoder-only GPT: pre-norm RMSNorm, SwiGLU MLP, no biases, optional GQA and tied embeddings.
+
+Position information enters only through the per-layer `position` module (model/position/),
+which rotates (or, for PoPE, widens) q and k before one fused scaled_dot_product_attention call.
+The layout (q/k/v/o, gate/up/down, RMSNorm) mirrors Llama so rope models export to it as is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPTConfig, RopeScaling
+from .position import PositionContext, build_position, make_context
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 (as Llama does) so bf16 activations keep their precision here.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.down_proj._residual_out = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class KVCache:
+    """Keys (after rotation) and values per layer, for incremental decoding."""
+
+    keys: list[Tensor | None] = field(default_factory=list)
+    values: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        while len(self.keys) <= layer:
+            self.keys.append(None)
+            self.values.append(None)
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.o_proj._residual_out = True
+        self.position = build_position(cfg)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = self.position(q, k, ctx)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=_cached_mask(T, past, x.device) if past and T > 1 else None,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=past == 0,  # fused causal kernels; one new token sees the whole cache
+            scale=1.0 / math.sqrt(self.head_dim),  # explicit: PoPE's keys are 2d wide
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _cached_mask(T: int, past: int, device: torch.device) -> Tensor:
+    """Causal mask for T new tokens after `past` cached ones (chunked prefill only)."""
+    rows = torch.arange(T, device=device)[:, None] + past
+    return torch.arange(past + T, device=device)[None, :] <= rows
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Residual-stream outputs get std / sqrt(2 * n_layer) (GPT-2, GPT-NeoX, nanoGPT) so the
+        # residual variance stays O(1) with depth.
+        if isinstance(module, nn.Linear):
+            std = self.cfg.init_std
+            if getattr(module, "_residual_out", False):
+                std /= math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, start_pos: int = 0,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) and, given `labels` (B, T) aligned with `input_ids` (labels[t] is
+        the token after input_ids[t]; -100 is ignored), the mean next-token cross-entropy.
+
+        `start_pos` offsets the positions (with a cache it defaults to the cache length)."""
+        T = input_ids.shape[1]
+        if cache is not None and start_pos == 0:
+            start_pos = cache.length
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        ctx = make_context(self.cfg, positions)
+        x = self.drop(self.embed(input_ids))
+        for block in self.blocks:
+            x = block(x, ctx, cache)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # -- training helpers -------------------------------------------------------------------
+
+    def spectral_parameters(self) -> list[nn.Parameter]:
+        """Omega offsets, A, Phi of spectral heads and PoPE's delta: the position parameters."""
+        return [p for name, p in self.named_parameters() if ".position." in name]
+
+    def param_groups(self, weight_decay: float, spectral_lr_mult: float | None = None) -> list[dict]:
+        """Optimizer groups: matrices with weight decay; norms without; position parameters
+        without decay and with their own learning-rate multiplier (`lr_mult`, read by the
+        scheduler)."""
+        mult = self.cfg.position.spectral_lr_mult if spectral_lr_mult is None else spectral_lr_mult
+        spectral = {id(p) for p in self.spectral_parameters()}
+        decay, no_decay, seen = [], [], set()
+        for p in self.parameters():
+            if id(p) in spectral or id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
+        ]
+        trainable_spectral = [p for p in self.spectral_parameters() if p.requires_grad]
+        if trainable_spectral:
+            groups.append({"params": trainable_spectral, "weight_decay": 0.0, "lr_mult": mult, "name": "spectral"})
+        return [g for g in groups if g["params"]]
+
+    def set_rope_scaling(self, scaling: RopeScaling | dict | None) -> None:
+        """Switch training-free RoPE scaling for the fixed-frequency heads; no retraining."""
+        if isinstance(scaling, dict):
+            scaling = RopeScaling(**scaling)
+        self.cfg.position.rope_scaling = scaling
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n

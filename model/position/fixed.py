@@ -1,0 +1,23 @@
+"""`rope` and `nope`: the schemes with no parameters."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import PositionContext, PositionEncoding
+from .rope import apply_rotary
+
+
+class FixedRotary(PositionEncoding):
+    """Standard RoPE on every head, from the shared fixed table (eval-time scaling included)."""
+
+    def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+class NoPosition(PositionEncoding):
+    """NoPE: the causal mask alone carries order. A control."""
+
+    def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        return q, k

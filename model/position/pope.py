@@ -1,0 +1,44 @@
+"""PoPE: Polar Coordinate Position Embeddings (Gopalakrishnan et al., arXiv 2509.10534).
+
+Each of the d components c of a head becomes a complex number with magnitude softplus(x_c) and
+phase position * theta_c (d frequencies, theta_c = base^(-c/d)); keys add a learnable phase bias
+delta_c in [-2pi, 0]. The attention logit is Re sum_c mu_q mu_k e^{i((m-n) theta_c - delta_c)}.
+Its real part is one dot product of 2d-wide real vectors [mu cos, mu sin], so SDPA still serves;
+the caller passes the softmax scale 1/sqrt(d) explicitly since the width doubled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import GPTConfig
+from .base import PositionContext, PositionEncoding
+
+
+def pope_freqs(head_dim: int, base: float, device: torch.device | None = None) -> Tensor:
+    return 1.0 / (base ** (torch.arange(head_dim, dtype=torch.float32, device=device) / head_dim))
+
+
+class PolarPosition(PositionEncoding):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.head_dim, self.base = cfg.head_dim, cfg.position.rope_base
+        self.delta = nn.Parameter(torch.zeros(cfg.n_kv_head, cfg.head_dim))
+
+    def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        theta = pope_freqs(self.head_dim, self.base, q.device)
+        angles = ctx.positions.to(torch.float32)[:, None] * theta[None, :]            # (T, d)
+        delta = self.delta.float().clamp(-2 * math.pi, 0.0)[:, None, :]                # (Hkv, 1, d)
+        k_angles = angles[None] + delta
+        q = self._polar(q, angles.cos(), angles.sin())
+        k = self._polar(k, k_angles.cos(), k_angles.sin())
+        return q, k
+
+    @staticmethod
+    def _polar(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        mu = F.softplus(x.float())
+        return torch.cat((mu * cos, mu * sin), dim=-1).to(x.dtype)

@@ -1,0 +1,88 @@
+"""Fixed-frequency rotary embeddings (RoPE) and their training-free eval-time extensions.
+
+Convention: the rotary pair `i` is the dimensions (i, i + d/2) ("rotate_half", as in GPT-NeoX and
+Llama), so a rope model's weights load unchanged into `transformers`' LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..config import RopeScaling
+
+
+def rope_inv_freq(head_dim: int, base: float, device: torch.device | None = None) -> Tensor:
+    """theta_i = base^(-2i/d) for i in [0, d/2): the RoPE frequencies, float32."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / (base ** exponent)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (i, i+d/2) of `x` by the angle whose cos/sin are given (broadcast)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def angles_to_table(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., T, d/2) angles -> (..., T, d) cos and sin tables in rotate_half layout."""
+    full = torch.cat((angles, angles), dim=-1)
+    return full.cos(), full.sin()
+
+
+def yarn_ramp(inv_freq: Tensor, original_max_len: int, beta_fast: float, beta_slow: float) -> Tensor:
+    """YaRN's per-frequency interpolation weight gamma in [0, 1]: 1 keeps theta (high frequency,
+    many rotations within the original context), 0 interpolates fully (theta / s)."""
+    rotations = original_max_len * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
+    return ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
+
+
+def yarn_mscale(factor: float) -> float:
+    """sqrt(1/t) = 0.1 ln(s) + 1, applied to both q and k so the logits scale by its square."""
+    return 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
+
+
+def scaled_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None, seq_len: int,
+                    device: torch.device | None = None) -> tuple[Tensor, float]:
+    """Frequencies and q/k magnitude scale for a RoPE head under `scaling` at length `seq_len`.
+
+    pi:          theta_i / s                        (Chen et al. 2023)
+    ntk:         base' = base * s^(d/(d-2))          ("NTK-aware", bloc97)
+    dynamic_ntk: as ntk with s' = s*L/L0 - (s-1), only when L > L0 (unchanged within L0)
+    yarn:        (1-gamma_i) theta_i/s + gamma_i theta_i, logits * (0.1 ln s + 1)^2 (Peng et al. 2023)
+    """
+    if scaling is None:
+        return rope_inv_freq(head_dim, base, device), 1.0
+    s = float(scaling.factor)
+    if scaling.type == "pi":
+        return rope_inv_freq(head_dim, base, device) / s, 1.0
+    if scaling.type == "ntk":
+        return rope_inv_freq(head_dim, base * s ** (head_dim / (head_dim - 2)), device), 1.0
+    if scaling.type == "dynamic_ntk":
+        if seq_len <= scaling.original_max_len:
+            return rope_inv_freq(head_dim, base, device), 1.0
+        s_dyn = s * seq_len / scaling.original_max_len - (s - 1)
+        return rope_inv_freq(head_dim, base * s_dyn ** (head_dim / (head_dim - 2)), device), 1.0
+    if scaling.type == "yarn":
+        inv_freq = rope_inv_freq(head_dim, base, device)
+        gamma = yarn_ramp(inv_freq, scaling.original_max_len, scaling.beta_fast, scaling.beta_slow)
+        return (1 - gamma) * inv_freq / s + gamma * inv_freq, yarn_mscale(s)
+    raise ValueError(f"unknown rope_scaling type {scaling.type!r}")
+
+
+def fixed_table(positions: Tensor, head_dim: int, base: float, scaling: RopeScaling | None) -> tuple[Tensor, Tensor]:
+    """(T, d) cos/sin for fixed RoPE heads at integer `positions`, any length, scaling applied."""
+    # Only dynamic NTK depends on the current length; reading it syncs a GPU, so only then.
+    dynamic = scaling is not None and scaling.type == "dynamic_ntk" and positions.numel() > 0
+    seq_len = int(positions[-1].item()) + 1 if dynamic else 0
+    inv_freq, mscale = scaled_inv_freq(head_dim, base, scaling, seq_len, positions.device)
+    cos, sin = angles_to_table(positions.to(torch.float32)[:, None] * inv_freq[None, :])
+    if mscale != 1.0:
+        cos, sin = cos * mscale, sin * mscale
+    return cos, sin

@@ -1,0 +1,81 @@
+"""Spectral-RoPE and bifocal attention as one rotation with a per-head frequency table.
+
+Geometric heads (the first `n_head - spectral_heads`) use the fixed RoPE table; spectral heads
+(the rest) rotate by a learnable frequency Omega (init theta), with a learnable amplitude A
+(init 1) and phase Phi (init N(0, phase_init_std)).
+
+Where A and Phi live matters. Rotating q by m*Omega + Phi and k by n*Omega + Phi gives
+q.k ~ cos((m-n)*Omega): the phase cancels. Scaling both by A gives A^2, a per-pair gain.
+So A and Phi act on the query side only: score_i = A_i * Re(q_i conj(k_i) e^{i((m-n)Omega_i + Phi_i)}),
+which keeps every parameter in the score and the score a function of m - n alone. Omega must be
+the same for q and k (relative position), so with grouped-query attention it lives per kv head
+while A and Phi live per query head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import GPTConfig
+from .base import PositionContext, PositionEncoding
+from .rope import angles_to_table, apply_rotary, rope_inv_freq
+
+
+class SpectralRotary(PositionEncoding):
+    """Per-layer rotation: fixed rows for geometric heads, learned rows for spectral heads.
+
+    scheme `spectral` is the case spectral_heads == n_head; `rope` is spectral_heads == 0
+    (GPT builds a plain `FixedRotary` for that, but this module gives the same numbers).
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.group = cfg.n_head // cfg.n_kv_head
+        self.n_spectral = cfg.n_spectral_heads
+        self.n_spectral_kv = self.n_spectral // self.group
+        half = cfg.head_dim // 2
+        self.rope_base = cfg.position.rope_base
+        # Omega = theta + omega_delta. theta is recomputed in fp32 each forward; storing Omega itself
+        # would let a bf16 engine round it by ~0.2% (radians of error at long range), while the
+        # small offset survives bf16 well. The gradient w.r.t. omega_delta is exactly dL/dOmega.
+        self.omega_delta = nn.Parameter(torch.zeros(self.n_spectral_kv, half))
+        self.amplitude = nn.Parameter(torch.ones(self.n_spectral, half))
+        self.phase = nn.Parameter(torch.randn(self.n_spectral, half) * cfg.position.phase_init_std)
+
+    @property
+    def omega(self) -> Tensor:
+        """The learned frequencies Omega, (spectral kv heads, d/2), float32."""
+        theta = rope_inv_freq(self.head_dim, self.rope_base, self.omega_delta.device)
+        return theta[None, :] + self.omega_delta.float()
+
+    def reset_phase(self, std: float) -> None:
+        with torch.no_grad():
+            self.phase.normal_(0.0, std) if std > 0 else self.phase.zero_()
+
+    def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        if self.n_spectral == 0:
+            cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        pos = ctx.positions.to(torch.float32)
+        omega = self.omega
+        k_angles = pos[None, :, None] * omega[:, None, :]                      # (Hs_kv, T, d/2)
+        q_angles = k_angles.repeat_interleave(self.group, dim=0) + self.phase.float()[:, None, :]
+        k_cos, k_sin = angles_to_table(k_angles)
+        q_cos, q_sin = angles_to_table(q_angles)
+        amp = torch.cat((self.amplitude, self.amplitude), dim=-1).float()[:, None, :]
+        q_cos, q_sin = q_cos * amp, q_sin * amp
+        n_geo, n_geo_kv = self.n_head - self.n_spectral, self.n_kv_head - self.n_spectral_kv
+        q_cos, q_sin = self._with_fixed(ctx, q_cos, q_sin, n_geo)
+        k_cos, k_sin = self._with_fixed(ctx, k_cos, k_sin, n_geo_kv)
+        return apply_rotary(q, q_cos.to(q.dtype), q_sin.to(q.dtype)), apply_rotary(k, k_cos.to(k.dtype), k_sin.to(k.dtype))
+
+    @staticmethod
+    def _with_fixed(ctx: PositionContext, cos: Tensor, sin: Tensor, n_fixed: int) -> tuple[Tensor, Tensor]:
+        """Prepend the shared fixed table for the geometric heads: one (H, T, d) table in all."""
+        if n_fixed == 0:
+            return cos, sin
+        fixed_cos = ctx.cos.expand(n_fixed, *ctx.cos.shape)
+        fixed_sin = ctx.sin.expand(n_fixed, *ctx.sin.shape)
+        return torch.cat((fixed_cos, cos), dim=0), torch.cat((fixed_sin, sin), dim=0)
