@@ -1,0 +1,238 @@
+"""Algorithmic task generators: validity of prompts, verifier, determinism, parameter bounds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bifocal.data_pipeline import synthetic as syn
+
+SETTINGS = settings(max_examples=60, deadline=None)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _symbols(prompt: str) -> list[str]:
+    return prompt.split(":", 1)[1].rstrip("=").split()
+
+
+def _dyck_stack(symbols: list[str]) -> list[str] | None:
+    """Independent reference: the open stack, or None when some close mismatches."""
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for s in symbols:
+        if s in "([{":
+            stack.append(s)
+        elif not stack or stack.pop() != pairs[s]:
+            return None
+    return stack
+
+
+def _max_depth(symbols: list[str]) -> int:
+    depth = best = 0
+    for s in symbols:
+        depth += 1 if s in "([{" else -1
+        best = max(best, depth)
+    return best
+
+
+# -- Dyck ------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(seed=seeds, lo=st.integers(1, 20), span=st.integers(0, 20), max_depth=st.integers(1, 6),
+       data=st.data())
+def test_dyck_complete_prefix_is_valid_and_answer_closes_it(seed, lo, span, max_depth, data):
+    min_depth = data.draw(st.integers(1, max_depth))
+    params = dict(min_len=max(lo, min_depth), max_len=max(lo, min_depth) + span + 1,
+                  max_depth=max_depth, min_depth=min_depth)
+    ex = syn.make_example("dyck", random.Random(seed), **params)
+    symbols = _symbols(ex.prompt)
+    stack = _dyck_stack(symbols)
+    assert stack, "prefix must be valid and leave at least one bracket open"
+    assert params["min_len"] <= len(symbols) <= params["max_len"]
+    assert min_depth <= _max_depth(symbols) <= max_depth
+    assert ex.meta == {"task": "dyck", "mode": "complete", "length": len(symbols),
+                       "depth": _max_depth(symbols), "open": len(stack)}
+    # Appending the answer must yield a balanced string.
+    assert _dyck_stack(symbols + ex.answer.split()) == []
+    assert ex.text == ex.prompt + ex.answer + "\n"
+    assert syn.check_answer("dyck", ex.prompt, ex.answer)
+
+
+@SETTINGS
+@given(seed=seeds, data=st.data())
+def test_dyck_corrupted_completion_is_rejected(seed, data):
+    ex = syn.make_example("dyck", random.Random(seed), max_len=24, max_depth=5)
+    closing = ex.answer.split()
+    kind = data.draw(st.sampled_from(["drop", "extra", "substitute"]))
+    if kind == "drop":
+        closing.pop(data.draw(st.integers(0, len(closing) - 1)))
+    elif kind == "extra":
+        closing.append(data.draw(st.sampled_from(list(")]}"))))
+    else:
+        i = data.draw(st.integers(0, len(closing) - 1))
+        closing[i] = data.draw(st.sampled_from([c for c in ")]}(" if c != closing[i]]))
+    assert not syn.check_answer("dyck", ex.prompt, " " + " ".join(closing))
+
+
+@SETTINGS
+@given(seed=seeds, lo=st.integers(1, 15), span=st.integers(0, 16), max_depth=st.integers(1, 6))
+def test_dyck_validity_labels_are_true(seed, lo, span, max_depth):
+    params = dict(mode="validity", min_len=2 * lo, max_len=2 * lo + span, max_depth=max_depth)
+    ex = syn.make_example("dyck", random.Random(seed), **params)
+    symbols = _symbols(ex.prompt)
+    assert ex.prompt.startswith("dyck valid: ")
+    assert len(symbols) % 2 == 0 and params["min_len"] <= len(symbols) <= params["max_len"]
+    assert ex.answer == (" yes" if _dyck_stack(symbols) == [] else " no")
+    assert ex.meta["valid"] == (ex.answer == " yes")
+    assert syn.check_answer("dyck", ex.prompt, ex.answer)
+    assert not syn.check_answer("dyck", ex.prompt, " no" if ex.answer == " yes" else " yes")
+
+
+def test_dyck_validity_classes_are_balanced():
+    labels = [e.answer for e in syn.generate_examples("dyck", 2000, seed=3, mode="validity")]
+    assert 0.45 < labels.count(" yes") / len(labels) < 0.55
+
+
+def test_dyck_depths_reach_their_bounds():
+    """Uniform sampling over depth paths still visits the extremes of the allowed range."""
+    ex = syn.generate_examples("dyck", 500, seed=0, min_len=9, max_len=9, max_depth=4)
+    assert {e.meta["depth"] for e in ex} == {1, 2, 3, 4}
+    deep = syn.generate_examples("dyck", 50, seed=0, min_len=10, max_len=12, min_depth=6, max_depth=6)
+    assert all(e.meta["depth"] == 6 for e in deep)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_dyck_closed_form_feasibility_matches_counting(balanced):
+    for max_depth in range(1, 5):
+        for min_depth in range(1, max_depth + 1):
+            table = syn._dyck_counts(14, max_depth, min_depth, balanced)
+            for n in range(15):
+                assert syn._dyck_feasible(n, max_depth, min_depth, balanced) == (table[n][0][0] > 0)
+
+
+def test_dyck_infeasible_lengths_raise():
+    with pytest.raises(ValueError, match="min_len"):
+        syn.make_example("dyck", random.Random(0), min_len=2, max_len=2, max_depth=1)
+    with pytest.raises(ValueError, match="min_depth"):
+        syn.make_example("dyck", random.Random(0), mode="validity", min_len=2, max_len=6, min_depth=4)
+
+
+# -- Modular and rotation ----------------------------------------------------------------------
+
+
+@SETTINGS
+@given(seed=seeds, p=st.integers(2, 23), op=st.sampled_from(["sum", "product"]),
+       lo=st.integers(1, 30), span=st.integers(0, 30), data=st.data())
+def test_modular_answer_and_corruption(seed, p, op, lo, span, data):
+    ex = syn.make_example("modular", random.Random(seed), p=p, op=op, min_len=lo, max_len=lo + span)
+    values = [int(v) for v in _symbols(ex.prompt)]
+    assert ex.prompt.startswith(f"mod {p} {op}: ")
+    assert lo <= len(values) <= lo + span and ex.meta["length"] == len(values)
+    assert all((0 if op == "sum" else 1) <= v < p for v in values)
+    truth = sum(values) % p
+    if op == "product":
+        truth = 1
+        for v in values:
+            truth = truth * v % p
+    assert ex.answer == f" {truth}"
+    assert syn.check_answer("modular", ex.prompt, ex.answer)
+    wrong = data.draw(st.integers(0, 2 * p).filter(lambda w: w != truth))
+    assert not syn.check_answer("modular", ex.prompt, f" {wrong}")
+
+
+@SETTINGS
+@given(seed=seeds, size=st.integers(2, 26), lo=st.integers(1, 30), span=st.integers(0, 30),
+       shift=st.one_of(st.none(), st.integers(0, 70)), data=st.data())
+def test_rotation_answer_and_corruption(seed, size, lo, span, shift, data):
+    ex = syn.make_example("rotation", random.Random(seed), alphabet_size=size, min_len=lo,
+                          max_len=lo + span, shift=shift)
+    symbols = _symbols(ex.prompt)
+    k = int(ex.prompt.split(":")[0].split()[1])
+    assert lo <= len(symbols) <= lo + span and ex.meta == {"task": "rotation", "length": len(symbols), "shift": k}
+    assert set(symbols) <= set("abcdefghijklmnopqrstuvwxyz"[:size])
+    assert k == shift if shift is not None else (len(symbols) == 1 or 1 <= k < len(symbols))
+    answer = ex.answer.split()
+    assert answer == [symbols[(i + k) % len(symbols)] for i in range(len(symbols))]
+    assert syn.check_answer("rotation", ex.prompt, ex.answer)
+    i = data.draw(st.integers(0, len(answer) - 1))
+    answer[i] = data.draw(st.sampled_from([c for c in "abcdefghijklmnopqrstuvwxyz"[:size] if c != answer[i]]))
+    assert not syn.check_answer("rotation", ex.prompt, " " + " ".join(answer))
+    assert not syn.check_answer("rotation", ex.prompt, ex.answer + " a")
+
+
+def test_rotation_worked_example():
+    assert syn.check_answer("rotation", "rot 2: a b c d e =", " c d e a b")
+    assert not syn.check_answer("rotation", "rot 2: a b c d e =", " d e a b c")
+
+
+# -- Shared API --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", syn.TASKS)
+def test_generation_is_deterministic_per_seed(task):
+    a = syn.generate_examples(task, 20, seed=5)
+    assert a == syn.generate_examples(task, 20, seed=5)
+    assert [e.text for e in a] != [e.text for e in syn.generate_examples(task, 20, seed=6)]
+    docs = list(syn.generate_documents(task, 4, seed=5, per_doc=3))
+    assert docs == list(syn.generate_documents(task, 4, seed=5, per_doc=3))
+    assert len(docs) == 4 and len(set(docs)) == 4
+    for doc in docs:
+        lines = doc.splitlines()
+        assert doc.endswith("\n") and len(lines) == 3
+        for line in lines:
+            prompt, answer = line.split("=")
+            assert syn.check_answer(task, prompt + "=", answer)
+
+
+@pytest.mark.parametrize("task", syn.TASKS)
+def test_eval_settings_separate_in_from_out(task):
+    grid = syn.eval_settings(task)
+    assert grid[0][0] == "in" and all(split == "out" for split, _, _ in grid[1:])
+    train_max = syn.DEFAULTS[task]["max_len"]
+    for split, _, params in grid:
+        ex = syn.generate_examples(task, 20, seed=0, **params)
+        if "min_len" in params:
+            assert all(e.meta["length"] > train_max for e in ex)
+        if "min_depth" in params:
+            assert all(e.meta["depth"] > syn.DEFAULTS["dyck"]["max_depth"] for e in ex)
+
+
+@pytest.mark.parametrize("task, params, name", [
+    ("dyck", {"max_len": 2, "min_len": 5}, "max_len"),
+    ("dyck", {"max_depth": 0}, "max_depth"),
+    ("dyck", {"min_depth": 9, "max_depth": 3}, "min_depth"),
+    ("dyck", {"mode": "balanced"}, "mode"),
+    ("dyck", {"mode": "validity", "min_len": 1}, "min_len"),
+    ("modular", {"p": 1}, "p"),
+    ("modular", {"op": "xor"}, "op"),
+    ("modular", {"min_len": 0}, "min_len"),
+    ("modular", {"min_len": 2.5}, "min_len"),
+    ("rotation", {"alphabet_size": 27}, "alphabet_size"),
+    ("rotation", {"shift": -1}, "shift"),
+    ("rotation", {"depth": 3}, "depth"),
+    ("sorting", {}, "task"),
+])
+def test_bad_params_name_the_parameter(task, params, name):
+    with pytest.raises(ValueError, match=name):
+        syn.make_example(task, random.Random(0), **params)
+    with pytest.raises(ValueError, match=name):
+        syn.generate_examples(task, 0, seed=0, **params)
+
+
+def test_generate_documents_validates_per_doc():
+    with pytest.raises(ValueError, match="per_doc"):
+        list(syn.generate_documents("modular", 1, seed=0, per_doc=0))
+
+
+@pytest.mark.parametrize("task, prompt", [
+    ("dyck", "dyck: ( ] ="), ("dyck", "dyck: ( )"), ("dyck", "dyck: ( ) ="),
+    ("modular", "mod x sum: 1 2 ="), ("modular", "mod 7 sum: 1 a ="),
+    ("rotation", "rot 1: ="), ("rotation", "dyck: ( ="),
+])
+def test_malformed_prompts_raise(task, prompt):
+    with pytest.raises(ValueError):
+        syn.check_answer(task, prompt, " x")
