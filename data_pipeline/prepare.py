@@ -1,0 +1,249 @@
+"""`prepare`: raw corpora -> tokenizer + packed token shards + meta.json, atomically and idempotently.
+
+Split rule (by document, never inside one): a document goes to `val` when
+sha1(source name + NUL + document key) read as a fraction in [0, 1) is below `val_fraction`; its key
+is its `source` field (repeats get "#k"), else the sha1 of its text. So identical inputs always
+split identically. With so few documents that none hashes into val (Austen has 6), a source with
+>= 2 documents moves its lowest-hash train document to val, so every such source has a val split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import DataConfig, SourceConfig
+from .errors import DataError
+from .shards import ShardWriter, dtype_for
+from .sources import Document, origin, read_source, source_files
+from .tokenizer import TextTokenizer, load_tokenizer, tokenizer_meta, train_tokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+_BATCH_CHARS = 4_000_000  # text per encode_batch call: big enough to keep all threads busy
+
+
+class DataWarning(UserWarning):
+    """Recoverable input problems (e.g. invalid UTF-8 replaced)."""
+
+
+def is_prepared(out_dir: str | os.PathLike) -> bool:
+    """True when out_dir holds a finished prepare run of this format (shards are checked on open)."""
+    meta = Path(out_dir) / "meta.json"
+    try:
+        return json.loads(meta.read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """Hash of everything that determines the output: config (minus where it goes) + input file stats."""
+
+    def stat(p: Path) -> list:
+        s = p.stat()
+        return [str(p), s.st_size, s.st_mtime_ns]
+
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "val_fraction": cfg.val_fraction,
+        "tokenizer": dataclasses.asdict(cfg.tokenizer),
+        "tokenizer_file": stat(Path(cfg.tokenizer.path)) if cfg.tokenizer.path else None,
+        "sources": [{**dataclasses.asdict(s), "files": [stat(f) for f in source_files(s)]} for s in cfg.sources],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def val_score(source: str, key: str) -> float:
+    """Stable pseudo-random fraction in [0, 1) for a document."""
+    digest = hashlib.sha1(f"{source}\0{key}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: int | None = None) -> Path:
+    """Tokenize cfg's sources into `out_dir` (default cfg.prepared_dir); reuse it if already done."""
+    out = Path(out_dir if out_dir is not None else cfg.prepared_dir).resolve()
+    if workers is not None:
+        if workers < 1:
+            raise DataError(f"workers={workers} is invalid: must be >= 1")
+        # Rust (rayon) reads this when its thread pool starts, i.e. on the first parallel call.
+        os.environ["RAYON_NUM_THREADS"] = str(workers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    fp = fingerprint(cfg)  # also fails fast on missing input files
+    if out.exists():
+        return _existing(out, fp)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own pid: a leftover from a crashed earlier run
+    tmp.mkdir(parents=True)
+    try:
+        meta = _build(cfg, tmp, fp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(tmp, out)  # atomic: `out` appears complete or not at all
+        except OSError:
+            if out.exists():  # someone finished the same directory meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                return _existing(out, fp)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _report(meta, out)
+    return out
+
+
+def _existing(out: Path, fp: str) -> Path:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if meta is not None and meta.get("fingerprint") == fp and meta.get("format_version") == FORMAT_VERSION:
+        print(f"{out} is already prepared from the same config and inputs; reusing it")
+        return out
+    raise DataError(f"{out} exists and was prepared from a different config; choose another --out or delete it")
+
+
+def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
+    tok = _tokenizer(cfg, tmp)
+    dtype = dtype_for(tok.vocab_size)
+    run_id = secrets.token_bytes(8)
+    t0 = time.perf_counter()
+    bar = tqdm(total=None, unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True, file=sys.stderr)
+    sources = []
+    try:
+        for src in cfg.sources:
+            sources.append(_tokenize_source(src, cfg.val_fraction, tok, tmp, dtype, run_id, bar))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    text_bytes = sum(s["text_bytes"] for s in sources)
+    splits = {sp: {"tokens": sum(s["splits"][sp]["tokens"] for s in sources),
+                   "documents": sum(s["splits"][sp]["documents"] for s in sources)} for sp in SPLITS}
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "run_id": run_id.hex(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": tokenizer_meta(tok),
+        "dtype": dtype,
+        "val_fraction": cfg.val_fraction,
+        "split_rule": "val iff sha1(source NUL key) < val_fraction; sources with >= 2 docs get >= 1 val doc",
+        "sources": sources,
+        "splits": splits,
+        "invalid_utf8_documents": sum(s["invalid_utf8_documents"] for s in sources),
+        "text_bytes": text_bytes,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
+    }
+
+
+def _tokenizer(cfg: DataConfig, tmp: Path) -> TextTokenizer:
+    tcfg = cfg.tokenizer
+    if tcfg.path:
+        tok = load_tokenizer(tcfg.path)
+        tok.save(tmp)
+        return tok
+    total_w = sum(s.weight for s in cfg.sources)
+    print(f"training {tcfg.type} tokenizer (vocab {tcfg.vocab_size}) on up to {tcfg.train_chars / 1e6:.1f}M chars",
+          file=sys.stderr)
+
+    def sample() -> Iterator[str]:
+        # Each source contributes in proportion to its weight, from documents that hash to train.
+        for src in cfg.sources:
+            budget = int(tcfg.train_chars * src.weight / total_w)
+            got = 0
+            for doc in read_source(src):
+                got += 1
+                if budget <= 0:
+                    break
+                if val_score(src.name, doc.key) < cfg.val_fraction:
+                    continue
+                yield doc.text[:budget].replace("\ufffd", "")
+                budget -= len(doc.text)
+            if got == 0:
+                raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
+
+    return train_tokenizer(sample(), tcfg, tmp)
+
+
+def _where(src: SourceConfig) -> str:
+    return src.path or src.hf_dataset or f"synthetic {src.synthetic}"
+
+
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    batch, chars = [], 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d.text)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer, tmp: Path, dtype: str,
+                     run_id: bytes, bar: tqdm) -> dict:
+    writers = {sp: ShardWriter(tmp, src.name, sp, dtype, run_id) for sp in SPLITS}
+    eod = np.array([tok.eod_id], dtype=np.int64)
+    invalid = text_bytes = 0
+    held: tuple[float, np.ndarray] | None = None  # lowest-score train doc, kept back while val is empty
+    for batch in _batches(read_source(src)):
+        encoded = tok.encode_batch([d.text for d in batch])
+        nbytes = 0
+        for doc, ids in zip(batch, encoded):
+            nbytes += len(doc.text.encode("utf-8", "surrogatepass"))
+            invalid += doc.invalid_utf8
+            arr = np.concatenate([np.asarray(ids, dtype=np.int64), eod])
+            score = val_score(src.name, doc.key)
+            if score < val_fraction:
+                writers["val"].add(arr)
+                if held is not None:
+                    writers["train"].add(held[1])
+                    held = None
+            elif val_fraction > 0 and writers["val"].documents == 0:
+                if held is None or score < held[0]:
+                    if held is not None:
+                        writers["train"].add(held[1])
+                    held = (score, arr)
+                else:
+                    writers["train"].add(arr)
+            else:
+                writers["train"].add(arr)
+        text_bytes += nbytes
+        bar.update(nbytes)
+    if held is not None:  # no document hashed into val: move the lowest-score one there if train keeps one
+        writers["val" if writers["train"].documents >= 1 else "train"].add(held[1])
+    shards = {sp: w.close() for sp, w in writers.items()}
+    n_docs = sum(s["documents"] for s in shards.values())
+    if n_docs == 0:
+        raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
+    if invalid:
+        warnings.warn(f"source {src.name!r}: {invalid} document(s) had invalid UTF-8, replaced with U+FFFD",
+                      DataWarning, stacklevel=3)
+    return {
+        "name": src.name,
+        "weight": src.weight,
+        "origin": origin(src),
+        "splits": shards,
+        "invalid_utf8_documents": invalid,
+        "text_bytes": text_bytes,
+    }
+
+
+def _report(meta: dict, out: Path) -> None:
+    sp = meta["splits"]
+    print(f"prepared {out}: {sp['train']['tokens']:,} train / {sp['val']['tokens']:,} val tokens "
+          f"({sp['train']['documents']:,} / {sp['val']['documents']:,} documents) from "
+          f"{meta['text_bytes'] / 1e6:.1f} MB of text in {meta['seconds']:.1f} s: {meta['mb_per_s']:.2f} MB/s")
