@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig, SourceConfig
 from .errors import DataError
+from .prefetch import prefetch
 from .shards import ShardWriter, dtype_for
 from .sources import Document, origin, read_source, source_files
 from .tokenizer import TextTokenizer, load_tokenizer, tokenizer_meta, train_tokenizer
@@ -199,7 +200,7 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
     eod = np.array([tok.eod_id], dtype=np.int64)
     invalid = text_bytes = 0
     held: tuple[float, np.ndarray] | None = None  # lowest-score train doc, kept back while val is empty
-    for batch in _batches(read_source(src)):
+    for batch in prefetch(_batches(read_source(src))):
         encoded = tok.encode_batch([d.text for d in batch])
         nbytes = 0
         for doc, ids in zip(batch, encoded):

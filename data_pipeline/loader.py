@@ -1,0 +1,195 @@
+"""Read a prepared directory: validation, counter-based window sampling, whole documents.
+
+WindowSampler is stateless apart from a micro-batch counter `c`: global micro-batch c is
+micro_batch * world_size windows drawn from np.random.default_rng([seed, c]) (a source by weight,
+then a uniform start in that source's split), and rank r takes rows [r*mb, (r+1)*mb). So ranks are
+disjoint, one process with 2*mb sees the union of two ranks with mb, and resume is exact from
+{"counter": c}. Shards are memory-mapped; only the sampled windows are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .prepare import FORMAT_VERSION, DataWarning
+from .shards import file_sha256, open_shard
+from .tokenizer import TextTokenizer, load_tokenizer
+
+
+class PreparedData:
+    """A validated prepared data directory (meta.json + shards + tokenizer file)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            hint = " (an unfinished run? its .tmp-<pid> sibling is never used)" if self.path.is_dir() else ""
+            raise DataError(f"{self.path}: not a prepared data directory, no meta.json{hint}; run `bifocal prepare`")
+        try:
+            self.meta: dict = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise DataError(f"{meta_path}: unreadable meta.json ({exc})") from None
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DataError(f"{meta_path}: format_version {version!r}, this bifocal reads {FORMAT_VERSION}; "
+                            "re-run prepare")
+        try:
+            tok = self.meta["tokenizer"]
+            self.vocab_size = int(tok["vocab_size"])
+            self.eod_id = int(tok["eod_id"])
+            self.tokenizer_hash: str = tok["hash"]
+            self.dtype: str = self.meta["dtype"]
+            run_id = bytes.fromhex(self.meta["run_id"])
+            self.weights: dict[str, float] = {s["name"]: float(s["weight"]) for s in self.meta["sources"]}
+            self._shards = {(s["name"], split): open_shard(self.path, entry, self.dtype, run_id)
+                            for s in self.meta["sources"] for split, entry in s["splits"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{meta_path}: malformed meta.json ({type(exc).__name__}: {exc})") from None
+        if not (self.path / tok["file"]).is_file():
+            raise DataError(f"{self.path / tok['file']}: tokenizer file missing (meta.json lists it)")
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({sp for _, sp in self._shards})
+
+    def tokens(self, source: str, split: str) -> np.ndarray:
+        """The memory-mapped tokens of one source and split (documents each end in eod_id)."""
+        return self._shard(source, split)[0]
+
+    def offsets(self, source: str, split: str) -> np.ndarray:
+        """Document start offsets into tokens(source, split); the last value is the token count."""
+        return self._shard(source, split)[1]
+
+    def num_tokens(self, split: str, source: str | None = None) -> int:
+        names = [source] if source else self.sources
+        return sum(len(self.tokens(n, split)) for n in names)
+
+    def _shard(self, source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return self._shards[(source, split)]
+        except KeyError:
+            raise DataError(f"{self.path}: no split {split!r} of source {source!r} "
+                            f"(sources: {', '.join(self.sources)}; splits: {', '.join(self.splits)})") from None
+
+    def tokenizer(self) -> TextTokenizer:
+        tok = load_tokenizer(self.path / self.meta["tokenizer"]["file"])
+        if tok.hash != self.tokenizer_hash:
+            raise DataError(f"{self.path}: tokenizer file hash {tok.hash[:16]} differs from meta.json "
+                            f"{self.tokenizer_hash[:16]}; re-run prepare")
+        return tok
+
+    def check_tokenizer(self, tokenizer_hash: str) -> None:
+        if tokenizer_hash != self.tokenizer_hash:
+            raise DataError(f"data at {self.path} was prepared with tokenizer {self.tokenizer_hash[:16]}, "
+                            f"the run uses {str(tokenizer_hash)[:16]}")
+
+    def verify(self) -> None:
+        """Full content check of every shard against the sha256 in meta.json (reads everything)."""
+        for s in self.meta["sources"]:
+            for entry in s["splits"].values():
+                if file_sha256(self.path / entry["bin"]) != entry["sha256"]:
+                    raise DataError(f"{self.path / entry['bin']}: content differs from meta.json sha256; re-run prepare")
+
+    def __repr__(self) -> str:
+        return f"PreparedData({str(self.path)!r}, sources={self.sources}, vocab_size={self.vocab_size})"
+
+
+def _as_data(data: PreparedData | str | os.PathLike) -> PreparedData:
+    return data if isinstance(data, PreparedData) else PreparedData(data)
+
+
+class WindowSampler:
+    """Random (seq_len + 1)-token windows, mixed across sources by weight; see the module docstring."""
+
+    def __init__(self, data: PreparedData | str, split: str, seq_len: int, micro_batch: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None) -> None:
+        self.data = _as_data(data)
+        if seq_len < 1 or micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"WindowSampler: invalid seq_len={seq_len}, micro_batch={micro_batch}, "
+                            f"rank={rank}, world_size={world_size}")
+        if split not in self.data.splits:
+            raise DataError(f"{self.data.path}: no split {split!r} (have {', '.join(self.data.splits)})")
+        w = dict(self.data.weights)
+        for name, value in (weights or {}).items():
+            if name not in w:
+                raise DataError(f"weights: unknown source {name!r} in {self.data.path} (sources: {', '.join(w)})")
+            if value < 0:
+                raise DataError(f"weights: {name}={value} is invalid: must be >= 0")
+            w[name] = float(value)
+        self.split, self.seq_len, self.micro_batch = split, int(seq_len), int(micro_batch)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        names, arrays, probs = [], [], []
+        for name, weight in w.items():
+            if weight <= 0:
+                continue
+            toks = self.data.tokens(name, split)
+            if len(toks) < seq_len + 1:
+                msg = (f"source {name!r} has {len(toks)} {split} tokens in {self.data.path}, "
+                       f"fewer than seq_len + 1 = {seq_len + 1}")
+                if split == "train":
+                    raise DataError(msg)
+                warnings.warn(msg + "; sampling without it", DataWarning, stacklevel=2)
+                continue
+            names.append(name)
+            arrays.append(toks)
+            probs.append(weight)
+        if not names:
+            raise DataError(f"{self.data.path}: no source has a weight > 0 and at least {seq_len + 1} {split} tokens")
+        self.sources = names
+        self.probs = np.asarray(probs, dtype=np.float64) / sum(probs)
+        self._tokens = arrays
+        self._starts = np.asarray([len(t) - seq_len for t in arrays], dtype=np.int64)  # valid starts per source
+        self.counter = 0
+
+    def draw(self, counter: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, window start) of all micro_batch * world_size samples of global batch `counter`."""
+        rng = np.random.default_rng([self.seed, counter])
+        n = self.micro_batch * self.world_size
+        src = rng.choice(len(self.sources), size=n, p=self.probs)
+        starts = rng.integers(0, self._starts[src])
+        return src, starts
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        src, starts = self.draw(self.counter)
+        self.counter += 1
+        lo = self.rank * self.micro_batch
+        rows = [self._tokens[s][t:t + self.seq_len + 1] for s, t in zip(src[lo:lo + self.micro_batch],
+                                                                        starts[lo:lo + self.micro_batch])]
+        win = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"counter": self.counter, "seed": self.seed, "split": self.split, "seq_len": self.seq_len,
+                "micro_batch": self.micro_batch, "world_size": self.world_size, "sources": list(self.sources)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "split"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}; "
+                                "resuming would not continue the same data order")
+        self.counter = int(state["counter"])
+
+
+def iter_documents(data: PreparedData | str, split: str = "val", min_tokens: int = 0) -> Iterator[np.ndarray]:
+    """Whole documents (int64 tokens, without their end-of-document token) with >= min_tokens tokens,
+    source by source in meta.json order, documents in shard order."""
+    data = _as_data(data)
+    if split not in data.splits:
+        raise DataError(f"{data.path}: no split {split!r} (have {', '.join(data.splits)})")
+    for name in data.sources:
+        toks, offsets = data.tokens(name, split), data.offsets(name, split)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            if b - 1 - a >= min_tokens:
+                yield np.asarray(toks[a:b - 1], dtype=np.int64)
