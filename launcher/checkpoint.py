@@ -1,0 +1,125 @@
+"""DeepSpeed checkpoints with an atomic notion of "complete", keep-last-K, and consolidation.
+
+A checkpoint is `RUN/checkpoints/step_XXXXXXXX/` as written by `engine.save_checkpoint`. It counts
+only once every rank has finished writing and rank 0 has renamed a `complete.json` marker into
+it, so a run killed mid-save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+
+MARKER = "complete.json"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = checkpoint_dir(run_dir)
+    found = []
+    for path in root.glob("step_*"):
+        marker = path / MARKER
+        if marker.is_file():
+            found.append((json.loads(marker.read_text())["step"], path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int, Path] | None:
+    ckpts = complete_checkpoints(run_dir)
+    if step is not None:
+        ckpts = [c for c in ckpts if c[0] == step]
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int,
+         info: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint path."""
+    root = checkpoint_dir(run_dir)
+    tag = tag_for(step)
+    # Each rank's RNG state travels in its own client state (DeepSpeed writes rank 0's into the
+    # model file), so keep them per rank in a side file as well.
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+    rng_path = root / tag / f"rng_rank{dist.rank():05d}.pt"
+    torch.save(rng_state(), rng_path)
+    dist.barrier()
+    if dist.rank() == 0:
+        marker = {"step": step, "world_size": dist.world_size(), **(info or {})}
+        tmp = root / tag / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker, indent=1))
+        os.replace(tmp, root / tag / MARKER)
+        _prune(run_dir, keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(run_dir: str | Path, keep_last: int) -> None:
+    ckpts = complete_checkpoints(run_dir)
+    newest = ckpts[-1][0] if ckpts else -1
+    for step, path in ckpts[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    # Leftovers of interrupted saves older than the newest complete one are dead weight.
+    for path in checkpoint_dir(run_dir).glob("step_*"):
+        if not (path / MARKER).exists() and int(path.name.split("_")[1]) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, run_dir: str | Path, path: Path) -> dict[str, Any]:
+    """Collective: load model, optimizer, scheduler and this rank's RNG state; return client state."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    rng_path = path / f"rng_rank{dist.rank():05d}.pt"
+    if rng_path.is_file():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return client_state
+
+
+def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of one checkpoint directory (any ZeRO stage), via DeepSpeed's own
+    consolidation for ZeRO and the model-states file otherwise."""
+    path = Path(path)
+    if any(path.glob("*optim_states.pt")) and any(path.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        files = sorted(path.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"no DeepSpeed model states in {path}")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,234 @@
+"""Run configuration: YAML sections model/data/train/optim/deepspeed/eval, `--set` overrides,
+strict keys (an unknown key names the nearest valid one), and DeepSpeed config generation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from bifocal.data_pipeline.config import DataConfig
+from bifocal.data_pipeline.errors import DataError
+from bifocal.model.config import ConfigError, GPTConfig, from_dict, nearest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+SECTIONS = ("model", "data", "train", "optim", "deepspeed", "eval")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs"
+    run_name: str = "demo"
+    seq_len: int = 256
+    micro_batch: int = 8  # per rank
+    grad_accum: int = 1
+    max_steps: int = 300
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 100  # validation loss every N steps (0: only at the end)
+    eval_batches: int = 8
+    save_every: int = 100  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 3
+    on_nan: str = "stop"  # stop | skip
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch intra-op threads per rank on CPU (None: cores / ranks)
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: must be a positive integer")
+        if self.on_nan not in ("stop", "skip"):
+            raise ConfigError(f"on_nan={self.on_nan!r} is invalid: one of stop, skip")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r} is invalid: one of auto, cpu, cuda")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr!r} is invalid: must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio!r} is invalid: must be in [0, 1]")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas={self.betas!r} is invalid: two numbers")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
+    offload_params: bool = False  # parameter offload (stage 3)
+    config_file: str | None = None  # a whole DeepSpeed JSON config, used as given
+    overrides: dict = field(default_factory=dict)  # merged into the generated config
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage={self.zero_stage!r} is invalid: one of 0, 1, 2, 3")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision={self.precision!r} is invalid: one of fp32, bf16, fp16")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params=True is invalid: parameter offload needs zero_stage 3")
+
+
+@dataclass
+class EvalConfig:
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    stride: int | None = None
+    max_docs: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Whether model.vocab_size was given; if not, the tokenizer decides it.
+    vocab_from_data: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("vocab_from_data")
+        return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=c` strings into a nested dict; values parsed as YAML (numbers, bools, lists)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def deep_merge(base: dict, update: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_inputs(data: dict, base_dir: Path) -> None:
+    """Input paths in a config file are relative to that file (outputs stay relative to cwd)."""
+    for src in data.get("sources") or []:
+        if isinstance(src, dict) and src.get("path") and not Path(src["path"]).is_absolute():
+            src["path"] = str((base_dir / src["path"]).resolve())
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("path") and not Path(tok["path"]).is_absolute():
+        tok["path"] = str((base_dir / tok["path"]).resolve())
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}")
+    # `include: other.yaml` pulls in a base config (relative to this file), then this one wins.
+    include = raw.pop("include", None)
+    if include:
+        base = read_yaml(path.parent / include)
+        raw = deep_merge(base, raw)
+    if isinstance(raw.get("data"), dict):
+        _resolve_inputs(raw["data"], path.parent)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (default: the embedded demo), apply `--set` overrides, validate strictly."""
+    raw = read_yaml(path or DEMO_CONFIG)
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw)
+
+
+def build_config(raw: Mapping[str, Any]) -> RunConfig:
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown config section `{key}`: {nearest(str(key), SECTIONS)}")
+    model = dict(raw.get("model") or {})
+    vocab_from_data = "vocab_size" not in model
+    try:
+        return RunConfig(
+            model=GPTConfig.from_dict(model),
+            data=from_dict(DataConfig, raw.get("data"), "data"),
+            train=from_dict(TrainConfig, raw.get("train"), "train"),
+            optim=from_dict(OptimConfig, raw.get("optim"), "optim"),
+            deepspeed=from_dict(DeepSpeedSection, raw.get("deepspeed"), "deepspeed"),
+            eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
+            vocab_from_data=vocab_from_data,
+        )
+    except DataError as exc:  # data dataclasses name keys relative to `data`
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("data") else f"data.{msg}") from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: generated, or the user's file with our batch sizes checked."""
+    t, ds = cfg.train, cfg.deepspeed
+    if ds.config_file:
+        path = Path(ds.config_file)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config_file not found: {path}")
+        conf = json.loads(path.read_text())
+        conf.setdefault("train_micro_batch_size_per_gpu", t.micro_batch)
+        conf.setdefault("gradient_accumulation_steps", t.grad_accum)
+        conf.pop("train_batch_size", None)  # derived from the two above and the world size
+        return deep_merge(conf, ds.overrides)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1 and ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # The optimizer is a torch AdamW built by us (param groups with their own lr multipliers);
+        # DeepSpeed's own optimizers would compile fused ops on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}
+    return deep_merge(conf, ds.overrides)

@@ -1,0 +1,69 @@
+"""Process-group setup for one process (no launcher) or many (deepspeed launcher, torchrun)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment(threads: int | None = None) -> None:
+    """Make a lone process look like rank 0 of 1 (else DeepSpeed reaches for MPI), cache the
+    compiled shared-memory op in a fixed place (else it rebuilds for ~60 s per run), and share
+    the CPU cores between the ranks of this machine."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bifocal" / "torch_extensions"))
+    if not torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+
+
+def init_distributed(device: str) -> None:
+    import deepspeed
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over ranks in one collective (loss, flags)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and world_size() > 1:
+        backend = torch.distributed.get_backend()
+        if backend == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return device

@@ -1,0 +1,305 @@
+"""The per-rank training loop around a DeepSpeed engine (one process or many).
+
+`bifocal train` runs this in every rank: build the model, the torch AdamW (param groups with
+their own learning-rate multipliers) and the warmup+cosine schedule, hand them to
+`deepspeed.initialize`, then step through counter-based batches so a resumed run, or a run on a
+different number of ranks with the same global batch, sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bifocal.data_pipeline.errors import DataError
+from bifocal.model.config import ConfigError
+
+from . import checkpoint, distributed as dist
+from .cli import UserError
+from .config import RunConfig, deepspeed_config, load_config, read_yaml, save_config
+from .metrics import MetricsLogger, plot_loss, spectral_snapshot
+
+
+class TrainingError(UserError):
+    """A run stopped for a reason the user must act on (NaN loss, mismatched data...)."""
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps (multiplies each
+    group's own initial lr, so the spectral multiplier survives the schedule)."""
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
+    groups = model.param_groups(cfg.optim.weight_decay)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g.pop("lr_mult")
+        g.pop("name", None)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+@dataclass
+class StopFlag:
+    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step, agreed across ranks."""
+
+    requested: bool = False
+    signals: list[int] = field(default_factory=list)
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.requested = True
+            self.signals.append(signum)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """Config and run directory. `--resume` without `--config` reuses the run's own config."""
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.resume and not args.config and run_dir and (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if run_dir is None:
+        run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+        if args.resume and not args.config and (run_dir / "config.yaml").is_file():
+            cfg = load_config(run_dir / "config.yaml", args.overrides)
+    return cfg, run_dir
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    has_ckpt = bool(checkpoint.complete_checkpoints(run_dir))
+    if not resume and (has_ckpt or (run_dir / "metrics.jsonl").exists()):
+        raise UserError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                        f"or choose another train.run_name / --run-dir (nothing was overwritten)")
+    if resume and not has_ckpt and (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+
+
+def prepare_data(cfg: RunConfig):
+    """Rank 0 prepares the data when missing; the others wait. Returns the opened PreparedData."""
+    from bifocal.data_pipeline.loader import PreparedData
+    from bifocal.data_pipeline.prepare import is_prepared, prepare
+
+    out = Path(cfg.data.prepared_dir)
+    if dist.rank() == 0 and not is_prepared(out):
+        print(f"bifocal: preparing data into {out}", flush=True)
+        prepare(cfg.data, out)
+    dist.barrier()
+    return PreparedData(out)
+
+
+def build_model(cfg: RunConfig, data, init_from_hf: str | None):
+    if init_from_hf:
+        from bifocal.model.surgery import load_spectralized
+
+        pos = cfg.model.position
+        return load_spectralized(init_from_hf, spectral_heads=pos.spectral_heads, phase_init_std=pos.phase_init_std)
+    from dataclasses import replace
+
+    from bifocal.model import GPT
+
+    if cfg.vocab_from_data:
+        cfg.model = replace(cfg.model, vocab_size=data.vocab_size)
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{data.vocab_size} tokens in {data.path}")
+    torch.manual_seed(cfg.train.seed)
+    return GPT(cfg.model)
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
+
+
+def evaluate(engine, data, cfg: RunConfig, device: str) -> float:
+    """Mean validation loss over the same `eval_batches` windows every time."""
+    from bifocal.data_pipeline.loader import WindowSampler
+
+    sampler = WindowSampler(data, "val", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed + 1,
+                            rank=dist.rank(), world_size=dist.world_size())
+    engine.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(cfg.train.eval_batches):
+            x, y = sampler.next_batch()
+            _, loss = engine(x.to(device), y.to(device))
+            total += float(loss)
+    engine.train()
+    s, n = dist.all_reduce_sum([total, cfg.train.eval_batches])
+    return s / n
+
+
+def run(args: argparse.Namespace) -> Path:
+    import deepspeed
+
+    from bifocal.data_pipeline.loader import WindowSampler
+
+    cfg, run_dir = resolve_run(args)
+    dist.setup_environment(cfg.train.threads)
+    device = dist.resolve_device(cfg.train.device)
+    dist.init_distributed(device)
+    rank, world = dist.rank(), dist.world_size()
+    is_main = rank == 0
+    check_run_dir(run_dir, args.resume)
+
+    data = prepare_data(cfg)
+    model = build_model(cfg, data, getattr(args, "init_from_hf", None))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        data.tokenizer().save(run_dir / "tokenizer")
+    optimizer, scheduler = build_optimizer(model, cfg)
+    ds_config = deepspeed_config(cfg, world)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    zero3 = engine.zero_optimization_stage() == 3
+
+    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
+                            rank=rank, world_size=world)
+    step = 0
+    if args.resume:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if latest is not None:
+            state = checkpoint.load(engine, run_dir, latest[1])
+            if state.get("tokenizer_hash") not in (None, data.tokenizer_hash):
+                raise TrainingError(f"{data.path} was prepared with another tokenizer than the run "
+                                    f"{run_dir} (hash {data.tokenizer_hash[:12]} != {state['tokenizer_hash'][:12]})")
+            sampler.load_state_dict(state["sampler"])
+            step = int(state["step"])
+            if is_main:
+                print(f"bifocal: resumed from {latest[1]} at step {step}", flush=True)
+
+    logger = MetricsLogger(run_dir, enabled=is_main)
+    stop = StopFlag()
+    stop.install()
+    tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world * cfg.train.seq_len
+    pos = cfg.model.position
+
+    def save_now(at: int) -> Path:
+        state = {"step": at, "sampler": sampler.state_dict(), "tokenizer_hash": data.tokenizer_hash,
+                 "world_size": world}
+        return checkpoint.save(engine, run_dir, at, state, cfg.train.keep_last)
+
+    bar = None
+    if is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc=f"train {run_dir.name}", unit="step",
+                   dynamic_ncols=True, file=sys.stdout, disable=None)
+    last_ckpt = checkpoint.latest_checkpoint(run_dir)
+    t_last, steps_since = time.perf_counter(), 0
+    loss_acc, val_loss = 0.0, None
+    try:
+        while step < cfg.train.max_steps:
+            step_loss, bad, norm = 0.0, 0.0, 0.0
+            for micro in range(cfg.train.grad_accum):
+                x, y = sampler.next_batch()
+                _, loss = engine(x.to(device), y.to(device))
+                value = float(loss.detach())
+                # Every rank must agree before any collective inside backward/step.
+                s, nonfinite = dist.all_reduce_sum([value, 0.0 if math.isfinite(value) else 1.0])
+                if nonfinite:
+                    bad = 1.0
+                    break
+                step_loss += s / world
+                engine.backward(loss)
+                if micro == cfg.train.grad_accum - 1 and engine.zero_optimization_stage() == 0:
+                    norm = grad_norm(engine)
+                engine.step()
+            step += 1
+            if bad:
+                where = f"last good checkpoint: {last_ckpt[1]}" if last_ckpt else "no checkpoint was written"
+                if cfg.train.on_nan == "stop":
+                    raise TrainingError(f"loss is not finite (nan/inf) at step {step}; stopping ({where}; "
+                                        f"it was not overwritten). Lower optim.lr or set train.on_nan=skip")
+                engine.zero_grad()
+                if is_main:
+                    print(f"bifocal: warning: non-finite loss at step {step}, step skipped", flush=True)
+                logger.log({"step": step, "skipped_nonfinite": 1})
+                continue
+            if engine.zero_optimization_stage() > 0:
+                norm = grad_norm(engine)
+            loss_acc += step_loss / cfg.train.grad_accum
+            steps_since += 1
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                dt = time.perf_counter() - t_last
+                record = {"step": step, "loss": loss_acc / steps_since, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": norm, "tokens_per_s": tokens_per_step * steps_since / max(dt, 1e-9),
+                          "tokens": step * tokens_per_step}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                logger.log(record)
+                loss_acc, steps_since = 0.0, 0
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+                val_loss = evaluate(engine, data, cfg, device)
+                logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                logger.spectral(step, spectral_snapshot(engine.module, zero3), cfg.model.head_dim, pos.rope_base)
+            stop_now = dist.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps or stop_now:
+                last_ckpt = (step, save_now(step))
+            if steps_since == 0:  # throughput counts training steps only, not eval or saving
+                t_last = time.perf_counter()
+            if stop_now:
+                if is_main:
+                    print(f"\nbifocal: stopped by signal at step {step}; checkpoint {last_ckpt[1]} "
+                          f"(continue with --resume)", flush=True)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    if is_main:
+        summarize(run_dir, step, val_loss)
+    return run_dir
+
+
+def summarize(run_dir: Path, step: int, val_loss: float | None) -> None:
+    import json
+
+    png = plot_loss(run_dir)
+    summary = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    latest = checkpoint.latest_checkpoint(run_dir)
+    ppl = f"{summary['val_ppl']:.2f}" if val_loss is not None else "n/a"
+    print(f"\nbifocal: finished at step {step}: validation loss {val_loss if val_loss is None else round(val_loss, 4)}, "
+          f"perplexity {ppl}")
+    print(f"  run directory   {run_dir.resolve()}")
+    print(f"  metrics         {(run_dir / 'metrics.jsonl').resolve()}")
+    print(f"  loss curve      {png.resolve() if png else 'n/a'}")
+    print(f"  tensorboard     tensorboard --logdir {(run_dir / 'tensorboard').resolve()}")
+    print(f"  checkpoint      {latest[1].resolve() if latest else 'n/a'}")
+    print(f"  next            bifocal eval ppl {run_dir} --lengths 256,512,1024   |   "
+          f"bifocal export {run_dir} --out {run_dir}/export")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        run(args)
+    except (ConfigError, DataError) as exc:
+        raise UserError(str(exc)) from None
+    return 0
