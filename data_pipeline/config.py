@@ -115,3 +115,35 @@ class DataConfig:
                self.val_fraction, "must be in [0, 1)")
         _check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
                "must be a non-empty path")
+
+
+def load_data_config(yaml_path: str | Path) -> DataConfig:
+    """The `data:` section of a YAML file; relative input paths are taken from the YAML's directory.
+
+    A standalone reader for scripts and benchmarks (the launcher has its own strict loader).
+    """
+    import yaml
+
+    p = Path(yaml_path)
+    if not p.is_file():
+        raise DataError(f"config file not found: {p}")
+    doc = yaml.safe_load(p.read_text()) or {}
+    data = doc.get("data", doc) if isinstance(doc, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise DataError(f"{p}: expected a mapping with a `data:` section")
+    data = dict(data)
+
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else str((p.parent / value).resolve()) if not Path(value).is_absolute() else value
+
+    try:
+        sources = []
+        for s in data.pop("sources", None) or []:
+            s = dict(s)
+            s["path"] = absolute(s.get("path"))
+            sources.append(SourceConfig(**s))
+        tok = dict(data.pop("tokenizer", None) or {})
+        tok["path"] = absolute(tok.get("path"))
+        return DataConfig(sources=sources or _default_sources(), tokenizer=TokenizerConfig(**tok), **data)
+    except TypeError as exc:  # unknown key
+        raise DataError(f"{p}: {exc}") from None
