@@ -149,6 +149,10 @@ def _local(src: SourceConfig) -> Iterator[Document]:
             kwargs = {"sample_by": "document", "encoding_errors": _ERRORS}
         try:
             ds = load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=True, **kwargs)
+        except StopIteration:  # datasets infers the schema from the first rows: none there
+            if len(groups) == 1:
+                raise DataError(f"source {src.name!r}: no documents with text in {group[0]}") from None
+            continue
         except Exception as exc:
             raise DataError(f"{where}: cannot open ({_first_line(exc)})") from None
         field = "text" if kind == "text" else src.text_field

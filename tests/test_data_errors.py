@@ -1,0 +1,118 @@
+"""Bad input gives one clear DataError line (or a counted warning), never a half-written directory."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
+from bifocal.data_pipeline.errors import DataError
+from bifocal.data_pipeline.loader import PreparedData, iter_documents
+from bifocal.data_pipeline.prepare import DataWarning, prepare
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
+
+
+def jsonl_gz(path: Path, lines: list[bytes]) -> Path:
+    with gzip.open(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def doc(text: str, source: str) -> bytes:
+    return json.dumps({"source": source, "text": text}).encode()
+
+
+def cfg_for(*paths: Path, **kw) -> DataConfig:
+    return DataConfig(sources=[SourceConfig(name=f"s{i}", path=str(p), **kw) for i, p in enumerate(paths)],
+                      tokenizer=TokenizerConfig(vocab_size=300, train_chars=100_000), val_fraction=0.2)
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f"{out.name}.tmp-*"))
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError) as exc:
+        prepare(cfg_for(tmp_path / "nope.jsonl.gz"), tmp_path / "out")
+    assert "source 's0': file not found" in one_line(exc) and "nope.jsonl.gz" in one_line(exc)
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("lines", [[], [b'{"source": "a", "text": ""}', b'{"source": "b", "text": "  \\n "}']],
+                         ids=["no-lines", "blank-texts"])
+def test_empty_source(tmp_path, lines):
+    good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x"), doc(TEXT[::-1], "y")])
+    empty = jsonl_gz(tmp_path / "empty.jsonl.gz", lines)
+    with pytest.raises(DataError) as exc:
+        prepare(cfg_for(good, empty), tmp_path / "out")
+    assert "source 's1': no documents with text in" in one_line(exc) and "empty.jsonl.gz" in one_line(exc)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_missing_text_field(tmp_path):
+    path = jsonl_gz(tmp_path / "f.jsonl.gz", [b'{"source": "a", "content": "hello"}'])
+    with pytest.raises(DataError) as exc:
+        prepare(cfg_for(path), tmp_path / "out")
+    msg = one_line(exc)
+    assert "f.jsonl.gz" in msg and "no field 'text'" in msg and "content" in msg
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_failure_in_a_later_source_leaves_no_directory(tmp_path):
+    good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x"), doc(TEXT[::-1], "y")])
+    # the bad row comes after a good one, so tokenizing has started when it fails
+    bad = jsonl_gz(tmp_path / "bad.jsonl.gz", [doc(TEXT, "z"), b'{"source": "w", "text": 5}'])
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: document 1 has a non-string \(int\) value"):
+        prepare(cfg_for(good, bad), tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_corrupt_gzip(tmp_path):
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(gzip.compress(doc(TEXT, "a") + b"\n" * 3)[:-20])
+    with pytest.raises(DataError, match=r"broken\.jsonl\.gz: cannot (open|read) \(EOFError"):
+        prepare(cfg_for(path), tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    bad_line = b'{"source": "b", "text": "caf\xc3\xa9 ok, then bad \xff\xfe bytes ' + TEXT.encode() + b'"}'
+    path = jsonl_gz(tmp_path / "u.jsonl.gz", [doc(TEXT, "a"), bad_line, doc(TEXT.upper(), "c")])
+    with pytest.warns(DataWarning, match=r"source 's0': 1 document\(s\) had invalid UTF-8"):
+        out = prepare(cfg_for(path), tmp_path / "out")
+    data = PreparedData(out)
+    assert data.meta["invalid_utf8_documents"] == 1 and data.meta["sources"][0]["invalid_utf8_documents"] == 1
+    tok = data.tokenizer()
+    texts = {tok.decode(d) for split in ("train", "val") for d in iter_documents(data, split)}
+    assert "café ok, then bad \ufffd\ufffd bytes " + TEXT in texts and TEXT in texts and TEXT.upper() in texts
+
+
+def test_not_a_prepared_directory(tmp_path):
+    with pytest.raises(DataError, match="not a prepared data directory, no meta.json"):
+        PreparedData(tmp_path)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: SourceConfig(name="a", path="x.jsonl", hf_dataset="y"), "set exactly one of path, hf_dataset, synthetic"),
+    (lambda: SourceConfig(name="a"), "set exactly one of path, hf_dataset, synthetic"),
+    (lambda: SourceConfig(name="a b", path="x"), "name='a b' is invalid"),
+    (lambda: SourceConfig(name="a", path="x", weight=-1), "weight=-1 is invalid"),
+    (lambda: SourceConfig(name="a", synthetic={"task": "sort", "n_documents": 3}), "synthetic.task='sort' is invalid"),
+    (lambda: TokenizerConfig(type="wordpiece"), "tokenizer.type='wordpiece' is invalid: one of bpe"),
+    (lambda: DataConfig(val_fraction=1.0), r"val_fraction=1.0 is invalid: must be in \[0, 1\)"),
+    (lambda: DataConfig(sources=[SourceConfig(name="a", path="x"), SourceConfig(name="a", path="y")]), "unique"),
+])
+def test_config_validation(make, match):
+    with pytest.raises(DataError, match=match):
+        make()
