@@ -200,12 +200,12 @@ def _plot_lengths(groups: dict[str, list[EvalResult]], value: str, ylabel: str, 
                    label="training length" if i == 0 else None)
     ax.set_xscale("log", base=2)
     if log_y:
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogFormatter
 
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda y, _: f"{y:g}")  # 40 rather than 4x10^1
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # Plain numbers (40 rather than 4x10^1); minor ticks labelled only on short ranges.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     else:
         ax.set_ylim(-0.05, 1.05)
     if lengths:

@@ -1,0 +1,154 @@
+"""Result files and `bifocal eval report`: schema round trip, collection, tables, plots, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+
+from bifocal.eval.results import EvalResult, collect, load
+from bifocal.launcher.cli import main as cli
+
+LENGTHS = [256, 512, 1024, 2048]
+
+
+def _ppl(model: str, scheme: str, ppls: list[float], variant: str = "none",
+         factor: float = 1.0) -> EvalResult:
+    rows = [{"length": n, "tokens": 4096, "loss": math.log(p), "ppl": p} for n, p in zip(LENGTHS, ppls)]
+    return EvalResult(kind="ppl", model=model, scheme=scheme, rows=rows, variant=variant,
+                      factor=factor, train_len=256)
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    d = tmp_path / "runs"
+    _ppl("rope", "rope", [20.0, 40.0, 120.0, 400.0]).save(d / "rope" / "ppl.json")
+    _ppl("rope", "rope", [20.5, 22.0, 25.0, 31.0], "yarn", 4.0).save(d / "rope" / "ppl_yarn.json")
+    _ppl("bifocal", "bifocal", [19.0, 21.0, 23.0, 26.0]).save(d / "bifocal" / "ppl.json")
+    EvalResult(kind="passkey", model="bifocal", scheme="bifocal", train_len=256,
+               rows=[{"length": n, "trials": 10, "accuracy": a}
+                     for n, a in zip(LENGTHS, [1.0, 0.9, 0.5, 0.2])]).save(d / "bifocal" / "passkey.json")
+    EvalResult(kind="tasks", model="bifocal", scheme="bifocal", extra={"task": "dyck"},
+               rows=[{"split": "in", "setting": "len 4-16", "n": 200, "loss": 0.12, "exact_match": 0.95},
+                     {"split": "out", "setting": "len 17-32", "n": 200, "loss": 0.9, "exact_match": 0.4}]
+               ).save(d / "bifocal" / "tasks_dyck.json")
+    (d / "rope" / "config.json").write_text(json.dumps({"model": {"d_model": 64}}))  # unrelated
+    (d / "rope" / "broken.json").write_text("{not json")
+    return d
+
+
+def test_save_load_round_trip(tmp_path):
+    r = _ppl("rope", "rope", [1.5, 2.5, 3.5, 4.5], "ntk", 2.0)
+    r.extra["seed"] = 3
+    assert load(r.save(tmp_path / "a" / "r.json")) == r
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("drop, field", [("kind", "kind"), ("model", "model"), ("rows", "rows")])
+def test_load_names_file_and_missing_field(tmp_path, drop, field):
+    data = _ppl("rope", "rope", [1, 2, 3, 4]).to_dict()
+    del data[drop]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"bad\.json.*{field}"):
+        load(path)
+
+
+def test_load_names_missing_row_field_and_bad_values(tmp_path):
+    data = _ppl("rope", "rope", [1, 2, 3, 4]).to_dict()
+    del data["rows"][1]["ppl"]
+    (tmp_path / "row.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"row\.json.*rows\[1\].*ppl"):
+        load(tmp_path / "row.json")
+    data = _ppl("rope", "rope", [1, 2, 3, 4]).to_dict() | {"variant": "linear"}
+    (tmp_path / "var.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"var\.json.*variant"):
+        load(tmp_path / "var.json")
+
+
+def test_collect_skips_unrelated_json_and_dedupes(results_dir):
+    found = collect([str(results_dir), str(results_dir / "rope" / "ppl.json")])
+    assert sorted((r.kind, r.model, r.variant) for r in found) == [
+        ("passkey", "bifocal", "none"), ("ppl", "bifocal", "none"), ("ppl", "rope", "none"),
+        ("ppl", "rope", "yarn"), ("tasks", "bifocal", "none")]
+    with pytest.raises(ValueError, match="config.json"):
+        collect([str(results_dir / "rope" / "config.json")])  # named explicitly: must be a result
+
+
+def _table(md: str, heading: str) -> dict[str, list[str]]:
+    """First markdown table after ``heading`` as {first cell: cells}; the header is "__header__"."""
+    block: list[list[str]] = []
+    for line in md.split(heading, 1)[1].splitlines()[1:]:
+        if line.startswith("|"):
+            if not line.startswith("| ---"):
+                block.append([c.strip() for c in line.strip("|").split("|")])
+        elif block:
+            break
+    return {"__header__": block[0], **{r[0]: r[1:] for r in block[1:]}}
+
+
+def test_report_via_cli(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli(["eval", "report", str(results_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert md.strip() in printed and f"wrote {out / 'report.md'}" in printed
+
+    ppl = _table(md, "## Perplexity by context length")
+    assert ppl["__header__"] == ["model", "scheme", "train len", "256", "512*", "1024*", "2048*"]
+    assert ppl["rope"] == ["rope", "256", "20.00", "40.00", "120.00", "400.00"]
+    assert ppl["rope+yarn(x4)"][3:] == ["22.00", "25.00", "31.00"]
+    assert ppl["bifocal"][-1] == "26.00"
+    assert "`*` = longer than the training length (256 tokens)" in md
+
+    ratio = _table(md, "### Perplexity relative to `rope`")
+    assert ratio["rope"] == ["1.00"] * 4
+    assert ratio["bifocal"] == ["0.95", "0.53", "0.19", "0.07"]
+
+    passkey = _table(md, "## Passkey retrieval accuracy")
+    assert passkey["bifocal"][2:] == ["1.00", "0.90", "0.50", "0.20"]
+    tasks = _table(md, "## Task: dyck")
+    assert tasks["__header__"] == ["model", "in: len 4-16", "out: len 17-32"]
+    assert tasks["bifocal"] == ["0.95 / 0.120", "0.40 / 0.900"]
+
+    for name in ("extrapolation.png", "passkey.png", "tasks.png"):
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img.std() > 0.01  # something was drawn
+
+    flat = json.loads((out / "report.json").read_text())
+    assert "kind" not in flat  # a report dir is never collected as a result
+    assert len(flat["ppl"]) == 12 and len(flat["passkey"]) == 4 and len(flat["tasks"]) == 2
+    yarn_2048 = next(r for r in flat["ppl"] if r["label"] == "rope+yarn(x4)" and r["length"] == 2048)
+    assert yarn_2048["extrapolated"] and yarn_2048["ratio_to_rope"] == pytest.approx(31 / 400)
+
+    # Re-running over a tree that now holds the report finds the same results.
+    assert cli(["eval", "report", str(tmp_path), "--out", str(out)]) == 0
+
+
+def test_results_split_across_files_merge_into_one_row(tmp_path, capsys):
+    full = _ppl("bifocal", "bifocal", [19.0, 21.0, 23.0, 26.0])
+    EvalResult(**{**full.to_dict(), "rows": full.rows[:2]}).save(tmp_path / "a.json")
+    EvalResult(**{**full.to_dict(), "rows": full.rows[2:]}).save(tmp_path / "b.json")
+    assert cli(["eval", "report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert _table(md, "## Perplexity")["bifocal"][2:] == ["19.00", "21.00", "23.00", "26.00"]
+    assert "relative to" not in md  # no plain RoPE row, no ratio table
+    assert not (tmp_path / "rep" / "passkey.png").exists()
+
+
+def test_empty_directory_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "other.json").write_text("[1, 2]")
+    assert cli(["eval", "report", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no result files found in" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_invalid_result_file_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps({"kind": "ppl", "model": "m", "scheme": "rope",
+                                                 "rows": [{"length": 8}]}))
+    assert cli(["eval", "report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "r.json" in capsys.readouterr().err
