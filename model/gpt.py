@@ -54,7 +54,12 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+        return self.layer_length(0)
+
+    def layer_length(self, layer: int) -> int:
+        """Tokens cached for `layer`. Attention must read its own layer's length: during a forward
+        the earlier layers already hold the new tokens, so `length` is only valid between calls."""
+        return 0 if layer >= len(self.keys) or self.keys[layer] is None else self.keys[layer].shape[2]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         while len(self.keys) <= layer:
@@ -87,7 +92,7 @@ class Attention(nn.Module):
         q, k = self.position(q, k, ctx)
         past = 0
         if cache is not None:
-            past = cache.length
+            past = cache.layer_length(self.layer)
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v,
