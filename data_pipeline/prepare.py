@@ -33,7 +33,7 @@ from .tokenizer import TextTokenizer, load_tokenizer, tokenizer_meta, train_toke
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-_BATCH_CHARS = 4_000_000  # text per encode_batch call: big enough to keep all threads busy
+_BATCH_CHARS = 1_000_000  # text per encode_batch call: enough docs to keep threads busy, small to start soon
 
 
 class DataWarning(UserWarning):
@@ -60,10 +60,18 @@ def fingerprint(cfg: DataConfig) -> str:
         "format_version": FORMAT_VERSION,
         "val_fraction": cfg.val_fraction,
         "tokenizer": dataclasses.asdict(cfg.tokenizer),
-        "tokenizer_file": stat(Path(cfg.tokenizer.path)) if cfg.tokenizer.path else None,
+        "tokenizer_file": _tokenizer_stat(cfg.tokenizer.path, stat),
         "sources": [{**dataclasses.asdict(s), "files": [stat(f) for f in source_files(s)]} for s in cfg.sources],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tokenizer_stat(path: str | None, stat) -> list | None:
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise DataError(f"tokenizer.path: tokenizer file not found: {path}")
+    return stat(Path(path))
 
 
 def val_score(source: str, key: str) -> float:
