@@ -169,6 +169,8 @@ def _tokenizer(cfg: DataConfig, tmp: Path) -> TextTokenizer:
 
     def sample() -> Iterator[str]:
         # Each source contributes in proportion to its weight, from documents that hash to train.
+        bar = tqdm(total=tcfg.train_chars, unit="char", unit_scale=True, desc="tokenizer sample",
+                   dynamic_ncols=True, file=sys.stderr)
         for src in cfg.sources:
             budget = int(tcfg.train_chars * src.weight / total_w)
             got = 0
@@ -179,9 +181,11 @@ def _tokenizer(cfg: DataConfig, tmp: Path) -> TextTokenizer:
                 if val_score(src.name, doc.key) < cfg.val_fraction:
                     continue
                 yield doc.text[:budget].replace("\ufffd", "")
+                bar.update(min(budget, len(doc.text)))
                 budget -= len(doc.text)
             if got == 0:
                 raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
+        bar.close()
 
     return train_tokenizer(sample(), tcfg, tmp)
 
@@ -212,7 +216,7 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
         encoded = tok.encode_batch([d.text for d in batch])
         nbytes = 0
         for doc, ids in zip(batch, encoded):
-            nbytes += len(doc.text.encode("utf-8", "surrogatepass"))
+            nbytes += doc.nbytes
             invalid += doc.invalid_utf8
             arr = np.concatenate([np.asarray(ids, dtype=np.int64), eod])
             score = val_score(src.name, doc.key)

@@ -35,6 +35,20 @@ class Document:
     text: str
     key: str  # stable identity for the train/val hash
     invalid_utf8: bool = False
+    nbytes: int = 0  # UTF-8 size, for throughput
+
+
+def _clean(text: str) -> tuple[str, bool, int]:
+    """(text, had invalid UTF-8, UTF-8 byte size): marked bytes and lone surrogates become U+FFFD."""
+    invalid = _MARK in text
+    if invalid:
+        text = text.replace(_MARK, "\ufffd")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (e.g. a "\ud800" JSON escape): Rust tokenizers reject them
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        data, invalid = text.encode("utf-8"), True
+    return text, invalid, len(data)
 
 
 def file_kind(path: str | os.PathLike) -> str | None:
@@ -116,7 +130,8 @@ def _synthetic(src: SourceConfig) -> Iterator[Document]:
     gen = generate_documents(src.synthetic["task"], int(src.synthetic["n_documents"]),
                              int(src.synthetic.get("seed", 0)), **params)
     for i, text in enumerate(gen):
-        yield Document(text=text, key=f"#{i}")
+        text, invalid, nbytes = _clean(text)
+        yield Document(text=text, key=f"#{i}", invalid_utf8=invalid, nbytes=nbytes)
 
 
 def _hub(src: SourceConfig) -> Iterator[Document]:
@@ -175,9 +190,7 @@ def _rows(ds: Iterable, src: SourceConfig, where: str, field: str | None = None)
                 if not isinstance(text, str):
                     what = "no" if text is None else f"a non-string ({type(text).__name__})"
                     raise DataError(f"{where}: document {i + j} has {what} value for field {field!r}")
-                invalid = _MARK in text
-                if invalid:
-                    text = text.replace(_MARK, "\ufffd")
+                text, invalid, nbytes = _clean(text)
                 sname = sources[j] if sources is not None else None
                 if isinstance(sname, str) and sname:
                     # Duplicate `source` values get an occurrence suffix so each stays its own document.
@@ -186,7 +199,7 @@ def _rows(ds: Iterable, src: SourceConfig, where: str, field: str | None = None)
                     key = sname if k == 0 else f"{sname}#{k}"
                 else:
                     key = "sha1:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
-                yield Document(text=text, key=key, invalid_utf8=invalid)
+                yield Document(text=text, key=key, invalid_utf8=invalid, nbytes=nbytes)
             i += len(texts)
     except DataError:
         raise

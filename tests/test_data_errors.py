@@ -12,6 +12,7 @@ from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConf
 from bifocal.data_pipeline.errors import DataError
 from bifocal.data_pipeline.loader import PreparedData, iter_documents
 from bifocal.data_pipeline.prepare import DataWarning, prepare
+from bifocal.data_pipeline.sources import _clean
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
 
@@ -116,3 +117,23 @@ def test_not_a_prepared_directory(tmp_path):
 def test_config_validation(make, match):
     with pytest.raises(DataError, match=match):
         make()
+
+
+def test_lone_surrogate_escape(tmp_path):
+    # pyarrow's JSON reader rejects a lone "\ud800" escape: a clear error naming the file and row
+    path = jsonl_gz(tmp_path / "s.jsonl.gz", [doc(TEXT, "a"), b'{"source": "b", "text": "half a pair \\ud800 here"}'])
+    with pytest.raises(DataError) as exc:
+        prepare(cfg_for(path), tmp_path / "out")
+    assert "s.jsonl.gz: cannot read" in one_line(exc) and "surrogate" in one_line(exc)
+    # text from other readers (synthetic, hub) is cleaned instead: surrogates become U+FFFD, counted
+    assert _clean("a\ud800b") == ("a\ufffd\ufffd\ufffdb", True, 11)
+    assert _clean("x\ufdd0y") == ("x\ufffdy", True, 5) and _clean("fine") == ("fine", False, 4)
+
+
+def test_missing_tokenizer_path(tmp_path):
+    good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x")])
+    cfg = cfg_for(good)
+    cfg.tokenizer.path = str(tmp_path / "nope" / "tokenizer.json")
+    with pytest.raises(DataError, match="tokenizer.path: tokenizer file not found: .*nope/tokenizer.json"):
+        prepare(cfg, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
