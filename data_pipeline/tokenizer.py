@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -86,7 +87,12 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """Load from a prepared data directory, a tokenizer.json, or a SentencePiece .model file."""
     p = Path(path)
     if p.is_dir():
-        found = [p / n for n in (BPE_FILE, SP_FILE) if (p / n).is_file()]
+        names = [BPE_FILE, SP_FILE]
+        try:  # a prepared directory names its tokenizer file in meta.json
+            names.insert(0, json.loads((p / "meta.json").read_text())["tokenizer"]["file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        found = [p / n for n in names if (p / n).is_file()]
         if not found:
             raise DataError(f"{p}: no {BPE_FILE} or {SP_FILE} in this directory")
         p = found[0]
