@@ -90,7 +90,7 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: 
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     fp = fingerprint(cfg)  # also fails fast on missing input files
-    if out.exists():
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is fine to fill
         return _existing(out, fp)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # our own pid: a leftover from a crashed earlier run
@@ -120,6 +120,9 @@ def _existing(out: Path, fp: str) -> Path:
     if meta is not None and meta.get("fingerprint") == fp and meta.get("format_version") == FORMAT_VERSION:
         print(f"{out} is already prepared from the same config and inputs; reusing it")
         return out
+    if meta is None:
+        raise DataError(f"{out} exists and is not a prepared data directory (no meta.json); "
+                        "choose another --out or delete it")
     raise DataError(f"{out} exists and was prepared from a different config; choose another --out or delete it")
 
 

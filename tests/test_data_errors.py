@@ -137,3 +137,15 @@ def test_missing_tokenizer_path(tmp_path):
     with pytest.raises(DataError, match="tokenizer.path: tokenizer file not found: .*nope/tokenizer.json"):
         prepare(cfg, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
+
+
+def test_existing_non_data_directory_is_refused_untouched(tmp_path):
+    good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x"), doc(TEXT[::-1], "y")])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="exists and is not a prepared data directory"):
+        prepare(cfg_for(good), out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()  # an empty folder is filled
+    assert PreparedData(prepare(cfg_for(good), out)).meta["splits"]["train"]["documents"] >= 1
