@@ -32,7 +32,7 @@ class _CacheView:
         return int(self.cache.get_seq_length())
 
     def layer_length(self, layer: int) -> int:
-        return int(self.cache.get_seq_length(layer)) if layer < len(self.cache.layers) else 0
+        return int(self.cache.get_seq_length(layer))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.update(k, v, layer)
