@@ -34,7 +34,7 @@ class SourceConfig:
     glob: str | None = None  # with a folder `path`: e.g. "**/*.py", one document per file (source-code trees)
     hf_dataset: str | None = None  # Hugging Face hub dataset name, read with datasets streaming
     hf_config: str | None = None
-    split: str = "train"
+    split: str = "train"  # hub datasets only (local files are one "train" split)
     text_field: str = "text"
     max_documents: int | None = None
     synthetic: dict | None = None  # {"task": "dyck"|"modular"|"rotation", "n_documents": int, "seed": int, ...}

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from .config import SourceConfig
 from .errors import DataError
@@ -174,13 +174,12 @@ def _local(src: SourceConfig) -> Iterator[Document]:
         yield from _rows(ds, src, where, field)
 
 
-def _rows(ds: Iterable, src: SourceConfig, where: str, field: str | None = None) -> Iterator[Document]:
+def _rows(ds: Any, src: SourceConfig, where: str, field: str | None = None) -> Iterator[Document]:
     field = field or src.text_field
     seen: dict[str, int] = {}
     i = 0
-    it = iter(ds.iter(batch_size=_BATCH)) if hasattr(ds, "iter") else None
     try:
-        for batch in it:
+        for batch in ds.iter(batch_size=_BATCH):
             texts = batch.get(field)
             if texts is None:
                 raise DataError(f"{where}: document {i} has no field {field!r} "
