@@ -212,7 +212,7 @@ def _collect_tokenizer(src: Any, staging: Path) -> list[Path]:
     return files
 
 
-def write_tokenizer(src: Any, out_dir: Path, max_len: int) -> tuple[str | None, int | None]:
+def write_tokenizer(src: Any, out_dir: Path) -> tuple[str | None, int | None]:
     """Copy the tokenizer into `out_dir` so `AutoTokenizer.from_pretrained(out_dir)` loads it
     with the same ids; returns its (eos token, eos id)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,12 +230,13 @@ def write_tokenizer(src: Any, out_dir: Path, max_len: int) -> tuple[str | None, 
             shutil.copyfile(main, out_dir / BPE_FILE)
             tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
         else:
-            # Llama's tokenizer class converts the .model as is: no BOS, no dummy prefix (bifocal
-            # trains SentencePiece without one); ids checked equal in tests/test_hf_export.py.
+            # transformers converts the .model by its own type (unigram or BPE) with byte fallback;
+            # Llama's class would force BPE. No BOS and no dummy prefix, as bifocal trains it;
+            # ids are checked equal to SentencePiece's in tests/test_hf_export.py.
             shutil.copyfile(main, out_dir / SP_FILE)
-            tok_cfg = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
-                       "add_bos_token": False, "add_eos_token": False, "bos_token": None, "unk_token": "<unk>"}
-    tok_cfg.update({"eos_token": eos, "model_max_length": max_len, "clean_up_tokenization_spaces": False})
+            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+                       "bos_token": None, "unk_token": "<unk>"}
+    tok_cfg.update({"eos_token": eos, "clean_up_tokenization_spaces": False})
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return eos, eos_id
 
@@ -292,7 +293,7 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
     out.mkdir(parents=True, exist_ok=True)
     eos, eos_id = (None, None)
     if tokenizer_dir_or_files is not None:
-        eos, eos_id = write_tokenizer(tokenizer_dir_or_files, out, model.cfg.max_seq_len)
+        eos, eos_id = write_tokenizer(tokenizer_dir_or_files, out)
     fmt = "llama" if is_llama_compatible(model.cfg) else "bifocal"
     if fmt == "llama":
         config = llama_config_dict(model.cfg, dtype, eos_id)
