@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -19,6 +21,11 @@ from pathlib import Path
 from bifocal.data_pipeline.config import load_data_config
 from bifocal.data_pipeline.errors import DataError
 from bifocal.data_pipeline.prepare import prepare
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_data_config(args.config)
         tmp = None if args.out else Path(tempfile.mkdtemp(prefix="bench_prepare_"))
         out = Path(args.out) if args.out else tmp / "data"
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu()
         prepare(cfg, out, workers=args.workers)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
     except DataError as exc:
         print(f"bench_prepare: error: {exc}", file=sys.stderr)
         return 2
@@ -47,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         "tokenize_mb_per_s": meta["mb_per_s"],
         "wall_seconds_incl_tokenizer_training": round(wall, 2),
         "wall_mb_per_s": round(mb / wall, 3),
+        # CPU seconds over all threads: on a shared machine, MB per CPU-second is the stable number
+        "cpu_seconds": round(cpu, 1),
+        "mb_per_cpu_second": round(mb / cpu, 3),
+        "cores": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "tokens": {sp: v["tokens"] for sp, v in meta["splits"].items()},
         "documents": {sp: v["documents"] for sp, v in meta["splits"].items()},
         "vocab_size": meta["tokenizer"]["vocab_size"],
