@@ -62,7 +62,7 @@ CASES = {
     "rope": ("rope", {}),
     "rope-gqa-untied": ("rope", {"n_kv_head": 2, "tie_embeddings": False}),
     "bifocal": ("bifocal", {}),
-    "bifocal-gqa": ("bifocal", {"n_kv_head": 2, "position": {"spectral_heads": 2}}),
+    "bifocal-gqa-untied": ("bifocal", {"n_kv_head": 2, "tie_embeddings": False, "position": {"spectral_heads": 2}}),
     "spectral": ("spectral", {}),
     "pope": ("pope", {}),
     "nope": ("nope", {}),
