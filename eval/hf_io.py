@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -246,8 +246,7 @@ def write_tokenizer(src: Any, out_dir: Path) -> tuple[str | None, int | None]:
 def _model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) -> str:
     cfg = model.cfg
     pos = cfg.position
-    load = ("AutoModelForCausalLM.from_pretrained(path)" if fmt == "llama"
-            else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    trust = "" if fmt == "llama" else ", trust_remote_code=True"
     scheme = pos.scheme + (f" ({cfg.n_spectral_heads} of {cfg.n_head} heads spectral per layer)"
                            if pos.scheme == "bifocal" else "")
     rows = [
@@ -267,7 +266,8 @@ def _model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) ->
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(path)", f"model = {load}", "```", ""]
+              f"tok = AutoTokenizer.from_pretrained(path{trust})",
+              f"model = AutoModelForCausalLM.from_pretrained(path{trust})", "```", ""]
     for key, value in (extra or {}).items():
         title = key.replace("_", " ").capitalize()
         lines += [f"## {title}", "", "```json", json.dumps(value, indent=2, default=str), "```", ""]

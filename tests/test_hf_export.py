@@ -93,9 +93,9 @@ def test_export_loads_in_transformers_with_identical_logits(case, bpe, text, tmp
         assert theirs.tolist() == ours.tolist()
 
     # The exported tokenizer encodes the same ids through AutoTokenizer.
-    tok = AutoTokenizer.from_pretrained(out) if scheme == "rope" else load_tokenizer(out)
-    assert tok(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
-    assert tok.eos_token == "<|endoftext|>"
+    for tok in (AutoTokenizer.from_pretrained(out, trust_remote_code=scheme != "rope"), load_tokenizer(out)):
+        assert tok(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
+        assert tok.eos_token == "<|endoftext|>"
 
     back, cfg = load_exported(out)
     assert cfg.to_dict() == model.cfg.to_dict()
@@ -103,6 +103,7 @@ def test_export_loads_in_transformers_with_identical_logits(case, bpe, text, tmp
 
     card = (out / "README.md").read_text()
     assert scheme in card and "3.21" in card and "Final metrics" in card
+    assert ("trust_remote_code=True" in card) == (scheme != "rope")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == bpe.eod_id
     if scheme != "rope":
         code = {p.name: p.read_text() for p in out.glob("*.py")}
