@@ -259,10 +259,16 @@ def _model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) ->
         ("parameters", f"{model.num_params(non_embedding=False):,} ({model.num_params():,} non-embedding)"),
         ("weights dtype", str(dtype).replace("torch.", "")),
     ]
-    lines = ["---", "library_name: transformers", "tags: [bifocal, causal-lm, " + pos.scheme + "]", "---", "",
-             f"# bifocal {pos.scheme} model", "",
-             "A decoder-only GPT (pre-norm RMSNorm, SwiGLU, Llama layout) trained with bifocal: per layer some "
-             "heads use fixed RoPE and some learnable Spectral-RoPE (frequency, amplitude, phase).", "",
+    about = {
+        "rope": "every head uses fixed RoPE",
+        "spectral": "every head uses learnable Spectral-RoPE (frequency Omega, amplitude A, phase Phi)",
+        "bifocal": "per layer, some heads use fixed RoPE and the others learnable Spectral-RoPE (Omega, A, Phi)",
+        "pope": "PoPE polar position embeddings with learnable key phase offsets",
+        "nope": "no position encoding (the causal mask alone carries order)",
+    }[pos.scheme]
+    lines = ["---", "library_name: transformers", f"tags: [bifocal, causal-lm, position-{pos.scheme}]", "---", "",
+             f"# bifocal GPT, `{pos.scheme}` positions", "",
+             f"A decoder-only GPT (pre-norm RMSNorm, SwiGLU, Llama layout) trained with bifocal; {about}.", "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
