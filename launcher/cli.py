@@ -11,9 +11,7 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
+from bifocal.launcher.errors import UserError  # noqa: F401  (re-exported for handlers)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -38,7 +36,6 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: train.out_dir/train.run_name)")
     p.add_argument("--init-from-hf", default=None, metavar="DIR",
                    help="continue pretraining a local Hugging Face Llama-family model, spectralized")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler="bifocal.launcher.train:main")
 
 
@@ -154,7 +151,14 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):
+        # argparse cannot hand leading `--options` to a REMAINDER positional: pass them verbatim.
+        args = argparse.Namespace(handler="bifocal.launcher.launch:main", launcher_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(_resolve(args.handler)(args) or 0)
     except UserError as exc:

@@ -7,7 +7,7 @@ import argparse
 from bifocal.data_pipeline.errors import DataError
 from bifocal.model.config import ConfigError
 
-from .cli import UserError
+from .errors import UserError
 from .config import load_config
 
 

@@ -24,7 +24,8 @@ def setup_environment(threads: int | None = None) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bifocal" / "torch_extensions"))
     if not torch.cuda.is_available():
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
 
 

@@ -87,7 +87,9 @@ class MetricsLogger:
             return
         for name, values in snapshot.items():
             short = name.replace("blocks.", "layer").replace(".attn.position.", "/")
-            self.tb.add_histogram(f"spectral/{short}", values, step)
+            finite = values[np.isfinite(values)]  # a diverged run must still log what it can
+            if finite.size:
+                self.tb.add_histogram(f"spectral/{short}", finite, step)
         if any(k.endswith(".omega") for k in snapshot):
             import matplotlib.pyplot as plt
 

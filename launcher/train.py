@@ -23,7 +23,7 @@ from bifocal.data_pipeline.errors import DataError
 from bifocal.model.config import ConfigError
 
 from . import checkpoint, distributed as dist
-from .cli import UserError
+from .errors import UserError
 from .config import RunConfig, deepspeed_config, load_config, read_yaml, save_config
 from .metrics import MetricsLogger, plot_loss, spectral_snapshot
 
@@ -98,11 +98,12 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 def prepare_data(cfg: RunConfig):
     """Rank 0 prepares the data when missing; the others wait. Returns the opened PreparedData."""
     from bifocal.data_pipeline.loader import PreparedData
-    from bifocal.data_pipeline.prepare import is_prepared, prepare
+    from bifocal.data_pipeline.prepare import prepare
 
     out = Path(cfg.data.prepared_dir)
-    if dist.rank() == 0 and not is_prepared(out):
-        print(f"bifocal: preparing data into {out}", flush=True)
+    if dist.rank() == 0:
+        # prepare() reuses a finished directory with the same fingerprint and refuses one made
+        # from another config, so a changed data section never trains on stale shards.
         prepare(cfg.data, out)
     dist.barrier()
     return PreparedData(out)
@@ -239,14 +240,14 @@ def run(args: argparse.Namespace) -> Path:
                 if is_main:
                     print(f"bifocal: warning: non-finite loss at step {step}, step skipped", flush=True)
                 logger.log({"step": step, "skipped_nonfinite": 1})
-                continue
-            if engine.zero_optimization_stage() > 0:
-                norm = grad_norm(engine)
-            loss_acc += step_loss / cfg.train.grad_accum
-            steps_since += 1
+            else:
+                if engine.zero_optimization_stage() > 0:
+                    norm = grad_norm(engine)
+                loss_acc += step_loss / cfg.train.grad_accum
+                steps_since += 1
             if bar is not None:
                 bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            if steps_since and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
                 dt = time.perf_counter() - t_last
                 record = {"step": step, "loss": loss_acc / steps_since, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": norm, "tokens_per_s": tokens_per_step * steps_since / max(dt, 1e-9),

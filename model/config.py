@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
@@ -41,6 +43,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     if not isinstance(data, Mapping):
         raise ConfigError(f"`{where or cls.__name__}` must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
@@ -53,6 +56,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
             value = [from_dict(sub[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
         elif sub is not None and value is not None:
             value = from_dict(sub, value, path)
+        else:
+            value = _coerce(value, hints.get(key), path)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -60,6 +65,29 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         if where and not str(exc).startswith(where):
             raise ConfigError(f"{where}.{exc}") from None
         raise
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check a scalar against its annotation; YAML reads `1e-3` as a string, so numbers given
+    as strings are converted when they parse."""
+    if hint is None or value is None:
+        return value
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    scalars = [t for t in options if t in (bool, int, float, str)]
+    if not scalars or any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in scalars):
+        if float in scalars and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    for t in scalars:
+        if t in (int, float) and isinstance(value, str):
+            try:
+                return t(float(value)) if t is float else int(value)
+            except ValueError:
+                continue
+    if float in scalars and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    allowed = " or ".join(t.__name__ for t in scalars)
+    raise ConfigError(f"{path}={value!r} is invalid: must be {allowed}")
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:

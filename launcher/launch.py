@@ -1,0 +1,40 @@
+"""`bifocal launch [deepspeed launcher options] -- [train options]`.
+
+Runs `bifocal train` in every rank through DeepSpeed's own launcher, so everything it supports
+works: several GPUs on one machine (`--num_gpus 8`), several nodes over ssh (`--hostfile`,
+`--num_nodes`, `--master_addr`), or one launcher per node started by a scheduler such as Slurm
+(`--no_ssh --node_rank $SLURM_NODEID` with the same hostfile on every node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .errors import UserError
+
+
+def build_command(launcher_args: list[str]) -> list[str]:
+    """deepspeed runner argv: its options, then this package's CLI as a module with `train`."""
+    args = list(launcher_args)
+    if "--" in args:
+        split = args.index("--")
+        ds_args, train_args = args[:split], args[split + 1:]
+    else:
+        ds_args, train_args = args, []
+    if train_args and train_args[0] == "train":
+        train_args = train_args[1:]
+    if "--module" in ds_args:
+        raise UserError("bifocal launch adds --module itself; pass only launcher options before `--`")
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.runner", *ds_args, "--module",
+            "bifocal.launcher.cli", "train", *train_args]
+
+
+def main(args: argparse.Namespace) -> int:
+    cmd = build_command(args.launcher_args)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    print("bifocal: " + " ".join(cmd[2:]), flush=True)
+    return subprocess.call(cmd, env=env)

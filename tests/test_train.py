@@ -1,0 +1,186 @@
+"""Training under real DeepSpeed engines on CPU (gloo): one process, two ranks with ZeRO 1-3,
+two "nodes", exact resume, kill -9, bad configs and NaN losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bifocal.launcher import checkpoint
+from bifocal.launcher.config import load_config
+from bifocal.model.config import ConfigError
+
+from conftest import cli_env, free_port, run_cli
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> training loss; a step logged twice (killed, then resumed) keeps its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def train(cfg: Path, cwd: Path, name: str, *sets: str, ranks: int = 1, extra: list[str] | None = None):
+    args = ["--config", str(cfg), "--set", f"train.run_name={name}", *[a for s in sets for a in ("--set", s)], *(extra or [])]
+    if ranks == 1:
+        return run_cli(["train", *args], cwd)
+    return run_cli(["launch", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--", *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_config, tmp_path_factory):
+    """One process, micro-batch 4: the run the others are compared with."""
+    cwd = tmp_path_factory.mktemp("ref")
+    proc = train(tiny_config, cwd, "ref")
+    return cwd / "runs" / "ref", proc
+
+
+def test_one_process_run_is_complete(reference):
+    run_dir, proc = reference
+    ls = losses(run_dir)
+    assert sorted(ls) == list(range(1, 9))
+    assert ls[8] < ls[1] - 0.1
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tokenizer"):
+        assert (run_dir / name).exists(), name
+    assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 8]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert any("val_loss" in r for r in records)
+    assert "run directory" in proc.stdout and str(run_dir.resolve()) in proc.stdout
+    # TensorBoard events are readable and hold the scalars and the spectral histograms.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "train/loss" in tags["scalars"] and "val/val_loss" in tags["scalars"]
+    assert len(acc.Scalars("train/loss")) == 8
+    assert any("omega" in t for t in tags["histograms"]) and any("phase" in t for t in tags["histograms"])
+    assert "spectral/frequencies_vs_rope" in tags["images"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_match_one_process(reference, tiny_config, tmp_path, stage):
+    """Two ranks with micro-batch 2 see exactly the batches one process sees with micro-batch 4."""
+    run_cli_out = train(tiny_config, tmp_path, f"z{stage}", f"deepspeed.zero_stage={stage}", "train.micro_batch=2",
+                        "train.save_every=8", ranks=2)
+    ref = losses(reference[0])
+    got = losses(tmp_path / "runs" / f"z{stage}")
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), (step, run_cli_out.stdout[-500:])
+    meta = json.loads((tmp_path / "runs" / f"z{stage}" / "checkpoints" / "step_00000008" / "complete.json").read_text())
+    assert meta["world_size"] == 2
+
+
+def test_resume_is_bitwise_identical(reference, tiny_config, tmp_path):
+    run_dir = tmp_path / "runs" / "half"
+    train(tiny_config, tmp_path, "half", "train.max_steps=8")
+    # Simulate a run that stopped after step 4: drop the final checkpoint and the later records,
+    # and leave a half-written newer checkpoint (killed during a save) that must be ignored.
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    (run_dir / "checkpoints" / "step_00000007").mkdir()
+    (run_dir / "checkpoints" / "step_00000007" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    proc = run_cli(["train", "--resume", "--run-dir", str(run_dir)], tmp_path)
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    ref, got = losses(reference[0]), losses(run_dir)
+    assert [got[s] for s in range(5, 9)] == [ref[s] for s in range(5, 9)]  # bitwise on CPU fp32
+
+
+def test_kill_9_then_resume_two_ranks(tiny_config, tmp_path):
+    sets = ["deepspeed.zero_stage=2", "train.micro_batch=2", "train.max_steps=40", "train.save_every=4",
+            "train.eval_every=0", "train.keep_last=3"]
+    train(tiny_config, tmp_path, "full", *sets, ranks=2)
+    args = [sys.executable, "-m", "bifocal.launcher.cli", "launch", "--num_gpus", "2", "--master_port", str(free_port()),
+            "--", "--config", str(tiny_config), "--set", "train.run_name=killed", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "step_00000008" / "complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(run_dir))
+    assert killed_at < 40, "the run finished before the kill"
+    port = str(free_port())
+    run_cli(["launch", "--num_gpus", "2", "--master_port", port, "--", "--resume", "--run-dir", str(run_dir)], tmp_path)
+    ref, got = losses(tmp_path / "runs" / "full"), losses(run_dir)
+    assert sorted(got) == list(range(1, 41))
+    assert got == ref
+
+
+def test_two_nodes_through_bifocal_launch(tiny_config, tmp_path):
+    """The launcher's per-node mode (what a Slurm script runs on each node), on localhost."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "bifocal.launcher.cli", "launch", "--hostfile", str(hostfile),
+                               "--no_ssh", "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", port,
+                               "--", "--config", str(tiny_config), "--set", "train.run_name=nodes",
+                               "--set", "train.max_steps=4", "--set", "train.micro_batch=2"],
+                              cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    meta = json.loads((tmp_path / "runs" / "nodes" / "checkpoints" / "step_00000004" / "complete.json").read_text())
+    assert meta["world_size"] == 2
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_config, tmp_path):
+    proc = run_cli(["train", "--config", str(tiny_config), "--set", "train.run_name=nan", "--set", "optim.lr=1e30",
+                    "--set", "optim.warmup_steps=0", "--set", "train.save_every=1", "--set", "train.max_steps=20",
+                    "--set", "train.eval_every=0"], tmp_path, check=False)
+    assert proc.returncode == 2
+    line = [x for x in proc.stderr.splitlines() if x.startswith("bifocal: error:")]
+    assert len(line) == 1 and "not finite" in line[0] and "last good checkpoint" in line[0]
+    run_dir = tmp_path / "runs" / "nan"
+    done = checkpoint.complete_checkpoints(run_dir)
+    assert done and max(losses(run_dir)) == done[-1][0]  # nothing after the last good step was saved
+    # A second start without --resume refuses to touch the existing run.
+    again = run_cli(["train", "--config", str(tiny_config), "--set", "train.run_name=nan"], tmp_path, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert checkpoint.complete_checkpoints(run_dir) == done
+
+
+def test_nan_skip_mode_continues(tiny_config, tmp_path):
+    proc = run_cli(["train", "--config", str(tiny_config), "--set", "train.run_name=skip", "--set", "optim.lr=1e30",
+                    "--set", "optim.warmup_steps=0", "--set", "train.on_nan=skip", "--set", "train.max_steps=6",
+                    "--set", "train.eval_every=0"], tmp_path)
+    assert "step skipped" in proc.stdout
+    assert checkpoint.latest_checkpoint(tmp_path / "runs" / "skip")[0] == 6
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_step=5", "did you mean `max_steps`"),
+    ("optim.lr=fast", "optim.lr='fast' is invalid"),
+    ("model.position.scheme=alibi", "one of rope, spectral, bifocal, pope, nope"),
+    ("deepspeed.zero_stage=4", "zero_stage=4"),
+    ("data.tokenizer.type=wordpiece", "tokenizer.type='wordpiece'"),
+])
+def test_bad_config_values_are_one_clear_error(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_config_exits_nonzero_with_one_line(tmp_path):
+    proc = run_cli(["train", "--set", "trian.max_steps=3"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "bifocal: error: unknown config section `trian`: did you mean `train`?"
+    missing = run_cli(["train", "--config", str(tmp_path / "nope.yaml")], tmp_path, check=False)
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+    assert not (tmp_path / "runs").exists()
