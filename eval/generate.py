@@ -99,21 +99,9 @@ class _Tok:
 
 def load_model_and_tokenizer(path: str | Path, device: str) -> tuple[GPT, Any]:
     """An exported directory (config.json) or a training run directory."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model not found: {p}")
-    if (p / "config.json").is_file():
-        from .hf_io import load_exported, load_tokenizer
+    from .loading import load_model
 
-        model, _ = load_exported(p, device=device)
-        return model, load_tokenizer(p)
-    if not p.is_dir():
-        raise ValueError(f"{p}: expected an exported model directory or a run directory")
-    try:
-        from bifocal.launcher.checkpoint import load_run_model
-    except ImportError:
-        raise ValueError(f"{p}: no config.json, and loading run directories is not available in this version") from None
-    return load_run_model(p, step=None, device=device)
+    return load_model(path, device)
 
 
 def main(args: argparse.Namespace) -> int:

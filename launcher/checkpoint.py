@@ -123,3 +123,27 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"no DeepSpeed model states in {path}")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "cpu"):
+    """(GPT, tokenizer) from a run directory's newest (or `step`) complete checkpoint."""
+    from bifocal.data_pipeline.tokenizer import load_tokenizer
+    from bifocal.model import GPT
+
+    from .config import load_config
+    from .errors import UserError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a bifocal run directory (no config.yaml)")
+    found = latest_checkpoint(run_dir, step)
+    if found is None:
+        which = f"at step {step}" if step is not None else "at all"
+        raise UserError(f"no complete checkpoint {which} in {checkpoint_dir(run_dir)}")
+    cfg = load_config(run_dir / "config.yaml")
+    if (run_dir / "init_from_hf.json").is_file():
+        raise UserError(f"{run_dir} continued a Hugging Face model: use `bifocal export` and load the export")
+    model = GPT(cfg.model)
+    state = consolidated_state_dict(found[1])
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer")
