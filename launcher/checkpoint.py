@@ -7,10 +7,12 @@ it, so a run killed mid-save resumes from the previous checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,11 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     consolidation for ZeRO and the model-states file otherwise."""
     path = Path(path)
     if any(path.glob("*optim_states.pt")) and any(path.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # DeepSpeed narrates on stdout; keep stdout for what our commands print (e.g. generated text).
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         files = sorted(path.glob("mp_rank_*_model_states.pt"))
         if not files:

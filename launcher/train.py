@@ -9,6 +9,7 @@ different number of ranks with the same global batch, sees exactly the same data
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import sys
@@ -109,12 +110,32 @@ def prepare_data(cfg: RunConfig):
     return PreparedData(out)
 
 
-def build_model(cfg: RunConfig, data, init_from_hf: str | None):
-    if init_from_hf:
+def hf_source(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> dict | None:
+    """The Hugging Face model a run continues (`--init-from-hf`, or recorded by an earlier start)."""
+    recorded = run_dir / "init_from_hf.json"
+    if args.resume and recorded.is_file():
+        return json.loads(recorded.read_text())
+    if not getattr(args, "init_from_hf", None):
+        return None
+    path = Path(args.init_from_hf)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--init-from-hf: {path} is not a Hugging Face model directory (no config.json)")
+    pos = cfg.model.position
+    heads = pos.spectral_heads if pos.scheme == "bifocal" else None
+    return {"path": str(path.resolve()), "spectral_heads": heads, "phase_init_std": pos.phase_init_std}
+
+
+def build_model(cfg: RunConfig, data, hf: dict | None):
+    if hf:
         from bifocal.model.surgery import load_spectralized
 
-        pos = cfg.model.position
-        return load_spectralized(init_from_hf, spectral_heads=pos.spectral_heads, phase_init_std=pos.phase_init_std)
+        model = load_spectralized(hf["path"], spectral_heads=hf["spectral_heads"], phase_init_std=hf["phase_init_std"],
+                                  spectral_lr_mult=cfg.model.position.spectral_lr_mult)
+        if model.cfg.vocab_size < data.vocab_size:
+            raise UserError(f"{hf['path']} has {model.cfg.vocab_size} tokens but the data in {data.path} was "
+                            f"prepared with a {data.vocab_size}-token tokenizer; set data.tokenizer.path to the "
+                            f"model's tokenizer")
+        return model
     from dataclasses import replace
 
     from bifocal.model import GPT
@@ -168,11 +189,16 @@ def run(args: argparse.Namespace) -> Path:
     check_run_dir(run_dir, args.resume)
 
     data = prepare_data(cfg)
-    model = build_model(cfg, data, getattr(args, "init_from_hf", None))
+    hf = hf_source(args, run_dir, cfg)
+    model = build_model(cfg, data, hf)
+    if hf:
+        cfg.model = model.cfg  # the Hugging Face model's own shape, for logging and evaluation
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         data.tokenizer().save(run_dir / "tokenizer")
+        if hf:
+            (run_dir / "init_from_hf.json").write_text(json.dumps(hf, indent=1))
     optimizer, scheduler = build_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg, world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -280,8 +306,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def summarize(run_dir: Path, step: int, val_loss: float | None) -> None:
-    import json
-
     png = plot_loss(run_dir)
     summary = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
