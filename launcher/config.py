@@ -157,10 +157,12 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}")
-    # `include: other.yaml` pulls in a base config (relative to this file), then this one wins.
+    # `include: other.yaml` (or a list) pulls in base configs relative to this file; this one wins.
     include = raw.pop("include", None)
     if include:
-        base = read_yaml(path.parent / include)
+        base: dict = {}
+        for inc in [include] if isinstance(include, str) else include:  # later files win
+            base = deep_merge(base, read_yaml(path.parent / inc))
         raw = deep_merge(base, raw)
     if isinstance(raw.get("data"), dict):
         _resolve_inputs(raw["data"], path.parent)
