@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], k
     tag = tag_for(step)
     # Each rank's RNG state travels in its own client state (DeepSpeed writes rank 0's into the
     # model file), so keep them per rank in a side file as well.
+    # DeepSpeed's universal-checkpoint converter requires this metadata to be present.
+    client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
     rng_path = root / tag / f"rng_rank{dist.rank():05d}.pt"
     torch.save(rng_state(), rng_path)
@@ -97,6 +100,30 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
     for path in checkpoint_dir(run_dir).glob("step_*"):
         if not (path / MARKER).exists() and int(path.name.split("_")[1]) < newest:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def saved_world_size(path: Path) -> int:
+    return int(json.loads((path / MARKER).read_text()).get("world_size", 1))
+
+
+def to_universal(path: Path) -> Path:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format (once), which loads on any
+    number of ranks. Rank 0 only; the caller holds the others at a barrier."""
+    out = path.parent / "universal" / path.name
+    if (out / MARKER).is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed: {tail[0]}")
+    shutil.copy(path / MARKER, tmp / MARKER)
+    os.replace(tmp, out)
+    return out
 
 
 def load(engine, run_dir: str | Path, path: Path) -> dict[str, Any]:

@@ -149,6 +149,18 @@ def build_model(cfg: RunConfig, data, hf: dict | None):
     return GPT(cfg.model)
 
 
+def universal_checkpoint(path: Path, cfg: RunConfig, world: int) -> Path:
+    """A checkpoint saved on another number of ranks loads through DeepSpeed's universal format."""
+    if cfg.deepspeed.zero_stage == 0:
+        return path  # full model and optimizer states in one file: any rank count loads them
+    if dist.rank() == 0:
+        print(f"bifocal: {path.name} was saved on {checkpoint.saved_world_size(path)} ranks, resuming on "
+              f"{world}: converting to a universal checkpoint", flush=True)
+        checkpoint.to_universal(path)
+    dist.barrier()
+    return path.parent / "universal" / path.name
+
+
 def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     if norm is not None:
@@ -201,14 +213,18 @@ def run(args: argparse.Namespace) -> Path:
             (run_dir / "init_from_hf.json").write_text(json.dumps(hf, indent=1))
     optimizer, scheduler = build_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg, world)
+    resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
+    if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world:
+        resume_from = (resume_from[0], universal_checkpoint(resume_from[1], cfg, world))
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     zero3 = engine.zero_optimization_stage() == 3
 
     sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
                             rank=rank, world_size=world)
     step = 0
-    if args.resume:
-        latest = checkpoint.latest_checkpoint(run_dir)
+    if resume_from is not None:
+        latest = resume_from
         if latest is not None:
             state = checkpoint.load(engine, run_dir, latest[1])
             if state.get("tokenizer_hash") not in (None, data.tokenizer_hash):
