@@ -301,6 +301,10 @@ def run(args: argparse.Namespace) -> Path:
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
                 val_loss = evaluate(engine, data, cfg, device)
                 logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                if is_main:  # also in logs, where the progress bar is off
+                    from tqdm import tqdm
+
+                    tqdm.write(f"step {step}/{cfg.train.max_steps}: validation loss {val_loss:.4f}", file=sys.stdout)
                 logger.spectral(step, spectral_snapshot(engine.module, zero3), cfg.model.head_dim, pos.rope_base)
             stop_now = dist.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps or stop_now:
