@@ -1,0 +1,148 @@
+"""`bifocal study tasks`: train every position scheme on one algorithmic task with the same data,
+budget and seed, evaluate each in and out of distribution, and write one report.
+
+Layout of OUT (default runs/study-tasks-TASK):
+  data/                  the prepared task data, shared by all runs
+  runs/<scheme>/         one `bifocal train` run per scheme (finished runs are skipped)
+  results/<scheme>.json  `bifocal eval tasks` results
+  spectrum/<scheme>/     learned frequencies against 2*pi/p (modular, schemes with spectral heads)
+  report.md, report.json, tasks.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bifocal.launcher.errors import UserError
+
+from .results import EvalResult
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMES = ("rope", "bifocal", "spectral", "pope")
+
+
+def task_config(task: str) -> Path:
+    path = REPO / "configs" / "tasks" / f"{task}.yaml"
+    if not path.is_file():
+        raise UserError(f"no task config {path}")
+    return path
+
+
+def _finished_step(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides: list[str]) -> Path:
+    """Train (or finish) OUT/runs/<scheme>; a run that already reached `steps` is left as is."""
+    from bifocal.launcher.checkpoint import complete_checkpoints
+    from bifocal.launcher.config import load_config
+
+    cfg_path = task_config(task)
+    sets = [f"model.position.scheme={scheme}", f"train.run_name={scheme}",
+            f"data.prepared_dir={(out / 'data').resolve()}", *overrides]
+    if steps is not None:
+        sets.append(f"train.max_steps={steps}")
+    target = load_config(cfg_path, sets).train.max_steps
+    run_dir = out / "runs" / scheme
+    done = _finished_step(run_dir)
+    if done is not None and done >= target:
+        print(f"[{scheme}] finished at step {done}: skipped")
+        return run_dir
+    cmd = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(cfg_path),
+           "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
+    if complete_checkpoints(run_dir):
+        cmd.append("--resume")
+    print(f"[{scheme}] training {target} steps -> {run_dir}", flush=True)
+    log = run_dir.parent / f"{scheme}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise UserError(f"training {scheme} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
+    return run_dir
+
+
+def modulus_of(task: str, overrides: list[str]) -> int | None:
+    if task != "modular":
+        return None
+    from bifocal.launcher.config import load_config
+
+    src = load_config(task_config(task), overrides).data.sources[0].synthetic or {}
+    from bifocal.data_pipeline.synthetic import DEFAULTS
+
+    return int(src.get("p", DEFAULTS["modular"]["p"]))
+
+
+def frequency_section(out: Path, spectra: dict[str, dict]) -> str:
+    """Markdown: per spectral head, the learned frequency nearest k*2*pi/p, against init."""
+    lines = []
+    for scheme, result in spectra.items():
+        mod = result.get("modulus")
+        if not mod:
+            continue
+        if not lines:
+            lines += [f"## Learned frequencies against k*2pi/{mod['p']}", "",
+                      f"2pi/{mod['p']} = {mod['target']:.4f} rad/token. Distance on the circle from the nearest "
+                      "k*2pi/p, for the closest frequency pair of each spectral head, after training and at "
+                      "the RoPE initialisation.", "",
+                      "| run | head | pair | Omega | k | distance | init distance |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+        for r in mod["heads"]:
+            lines.append(f"| {scheme} | L{r['layer']} h{r['head']} | {r['pair']} | {r['omega']:.4f} | {r['k']} | "
+                         f"{r['distance']:.4f} | {r['init_distance']:.4f} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: int, seed: int,
+              overrides: list[str]) -> dict[str, Path]:
+    from . import spectrum, tasks_eval
+    from .report import write_report
+    from .results import load
+
+    results: list[EvalResult] = []
+    spectra: dict[str, dict] = {}
+    p = modulus_of(task, overrides)
+    for scheme in schemes:
+        run_dir = train_scheme(task, scheme, out, steps, overrides)
+        res_path = out / "results" / f"{scheme}.json"
+        # A result older than the run's summary was made from an earlier, shorter run.
+        stale = res_path.is_file() and res_path.stat().st_mtime < (run_dir / "summary.json").stat().st_mtime
+        if res_path.is_file() and not stale:
+            results.append(load(res_path))
+        else:
+            print(f"[{scheme}] evaluating", flush=True)
+            result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path)
+            results.append(result)
+        print(tasks_eval.format_table(results[-1].rows), flush=True)
+        if p is not None and scheme in ("bifocal", "spectral"):
+            spectra[scheme], _ = spectrum.run(run_dir, out=out / "spectrum" / scheme, modulus=p)
+    paths = write_report(results, out)
+    section = frequency_section(out, spectra)
+    if section:
+        with paths["markdown"].open("a") as f:
+            f.write("\n" + section)
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    schemes = [s.strip() for s in (args.schemes or ",".join(SCHEMES)).split(",") if s.strip()]
+    bad = [s for s in schemes if s not in ("rope", "bifocal", "spectral", "pope", "nope")]
+    if bad or not schemes:
+        raise UserError(f"--schemes: unknown scheme(s) {', '.join(bad) or '(none)'}; "
+                        f"choose from rope, bifocal, spectral, pope, nope")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out or f"runs/study-tasks-{args.task}")
+    paths = run_study(args.task, schemes, out, args.steps, args.n, args.seed, list(args.overrides))
+    print(paths["markdown"].read_text())
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
