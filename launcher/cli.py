@@ -87,6 +87,8 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", default=None, help="output directory (default: RUN/spectrum)")
     sp.add_argument("--data", default=None, help="data for attention-entropy measurement")
     sp.add_argument("--modulus", type=int, default=None, help="compare frequencies with 2*pi/p")
+    sp.add_argument("--windows", type=int, default=8, help="validation windows for the attention statistics")
+    sp.add_argument("--device", default=None)
     sp.set_defaults(handler="bifocal.eval.spectrum:main")
 
     tk = esub.add_parser("tasks", help="algorithmic tasks: loss and exact match in/out of distribution")
@@ -94,6 +96,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     tk.add_argument("--task", required=True, choices=["dyck", "modular", "rotation"])
     tk.add_argument("--n", type=int, default=200, help="examples per setting")
     tk.add_argument("--seed", type=int, default=1)
+    tk.add_argument("--device", default=None)
     tk.add_argument("--out", default=None)
     tk.set_defaults(handler="bifocal.eval.tasks_eval:main")
 
@@ -107,6 +110,17 @@ def _study(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("--schemes", default=None, help="comma-separated subset of schemes")
     ex.set_defaults(handler="bifocal.eval.study:main")
+
+    tks = ssub.add_parser("tasks", help="train the schemes on an algorithmic task, evaluate in/out of distribution")
+    tks.add_argument("--task", required=True, choices=["dyck", "modular", "rotation"])
+    tks.add_argument("--schemes", default=None, help="comma-separated (default: rope,bifocal,spectral,pope)")
+    tks.add_argument("--steps", type=int, default=None, help="training steps per scheme (default: the task config)")
+    tks.add_argument("--out", default=None, help="study directory (default: runs/study-tasks-TASK)")
+    tks.add_argument("--n", type=int, default=200, help="evaluation examples per setting")
+    tks.add_argument("--seed", type=int, default=1, help="evaluation example seed")
+    tks.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override the task config for every run (repeatable)")
+    tks.set_defaults(handler="bifocal.eval.study_tasks:main")
 
 
 def _export(sub: argparse._SubParsersAction) -> None:
