@@ -1,0 +1,315 @@
+"""`bifocal study extrapolation`: train several position schemes on the same data and budget,
+evaluate each at 1x-16x its training length (RoPE also under training-free scaling), report.
+
+A study YAML (configs/study/*.yaml) holds:
+
+    base:                 # a run config: `include:` (relative to the study file) and/or sections
+    schemes: [rope, bifocal, spectral, pope]
+    overrides:            # per scheme, dotted run-config keys -> values
+      rope: {model.position.scheme: rope}
+    eval:
+      length_multiples: [1, 2, 4, 8, 16]   # of train.seq_len
+      scaling_variants: [pi, ntk, dynamic_ntk, yarn]
+      scaling_schemes: [rope, bifocal]     # fixed-frequency heads to scale
+      scaling_factor: 16                   # null: the largest multiple
+      dynamic_ntk_factor: 1.0              # dynamic NTK adapts per length by itself
+      max_docs: 4
+      max_tokens: 8192                     # scored tokens per length
+      batch_size: 1
+
+Layout: OUT/configs/<scheme>.yaml (the exact run config), OUT/runs/<scheme> (the run),
+OUT/results/<scheme>[-variant].json, OUT/report.md, OUT/extrapolation.png. A finished run and a
+result whose settings are unchanged are reused, so re-running a study resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bifocal.launcher.config import CONFIG_DIR, _resolve_inputs, deep_merge, parse_overrides, read_yaml
+from bifocal.launcher.errors import UserError
+from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES, ConfigError, nearest
+
+STUDY_DIR = CONFIG_DIR / "study"
+RUN_SECTIONS = ("model", "data", "train", "optim", "deepspeed")  # `--set train.x=1` means base.train.x
+
+
+@dataclass
+class StudyEval:
+    length_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    scaling_variants: list[str] = field(default_factory=lambda: list(ROPE_SCALING_TYPES))
+    scaling_schemes: list[str] = field(default_factory=lambda: ["rope", "bifocal"])
+    scaling_factor: float | None = None
+    dynamic_ntk_factor: float = 1.0
+    max_docs: int | None = 4
+    max_tokens: int | None = 8192
+    batch_size: int = 1
+    device: str | None = None
+
+
+@dataclass
+class Study:
+    path: Path
+    base: dict
+    schemes: list[str]
+    overrides: dict[str, dict[str, Any]]
+    eval: StudyEval
+
+    def run_config(self, scheme: str) -> dict:
+        """The full run config of one scheme: base, then its overrides."""
+        return deep_merge(self.base, _nest(self.overrides.get(scheme) or {}))
+
+
+def _preset_path(preset: str) -> Path:
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"study file not found: {p}")
+        return p
+    named = STUDY_DIR / f"{preset}.yaml"
+    if not named.is_file():
+        have = sorted(f.stem for f in STUDY_DIR.glob("*.yaml"))
+        raise UserError(f"unknown study preset {preset!r}: one of {', '.join(have)} or a path to a study YAML")
+    return named
+
+
+def _base_config(base: Any, study_path: Path) -> dict:
+    """The base run config; `include:` and data paths are relative to the study file, as in a
+    run config."""
+    if isinstance(base, str):
+        base = {"include": base}
+    if not isinstance(base, dict):
+        raise UserError(f"{study_path}: `base` must be a run config mapping or a path")
+    raw = dict(base)
+    include = raw.pop("include", None) or []
+    merged: dict = {}
+    try:
+        for inc in [include] if isinstance(include, str) else include:  # later files win
+            merged = deep_merge(merged, read_yaml(study_path.parent / inc))
+    except ConfigError as exc:
+        raise UserError(f"{study_path}: base.include: {exc}") from None
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = dict(raw["data"])
+        _resolve_inputs(raw["data"], study_path.parent)
+    return deep_merge(merged, raw)
+
+
+def _nest(dotted: dict[str, Any]) -> dict:
+    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}."""
+    tree: dict = {}
+    for key, value in dotted.items():
+        node = tree
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None) -> Study:
+    """Read and validate a study (a preset name or a YAML path), `--set` and `--schemes` applied."""
+    path = _preset_path(preset)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    sets = []
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        sets.append(f"base.{item}" if key.split(".")[0] in RUN_SECTIONS else item)
+    try:
+        raw = deep_merge(raw, parse_overrides(sets))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    known = ("base", "schemes", "overrides", "eval")
+    for key in raw:
+        if key not in known:
+            raise UserError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
+    ev = raw.get("eval") or {}
+    fields = list(StudyEval.__dataclass_fields__)
+    for key in ev:
+        if key not in fields:
+            raise UserError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
+    study = Study(path=path, base=_base_config(raw.get("base") or {}, path),
+                  schemes=list(raw.get("schemes") or ["rope", "bifocal"]),
+                  overrides=dict(raw.get("overrides") or {}), eval=StudyEval(**ev))
+    if schemes:
+        study.schemes = [s.strip() for s in schemes.split(",") if s.strip()]
+    for s in study.schemes:
+        if s not in SCHEMES:
+            raise UserError(f"scheme {s!r}: one of {', '.join(SCHEMES)}")
+    for v in study.eval.scaling_variants:
+        if v not in ROPE_SCALING_TYPES:
+            raise UserError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+    if not study.eval.length_multiples or any(int(m) < 1 for m in study.eval.length_multiples):
+        raise UserError(f"{path}: eval.length_multiples must be positive integers")
+    return study
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _finished(run_dir: Path, max_steps: int) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("step") == max_steps
+    except (OSError, ValueError):
+        return False
+
+
+def train_scheme(study: Study, scheme: str, out: Path) -> Path:
+    """Train one scheme with `bifocal train` in a subprocess (skipped when finished, resumed
+    when a checkpoint exists)."""
+    from bifocal.launcher import checkpoint
+    from bifocal.launcher.config import build_config
+
+    raw = study.run_config(scheme)
+    raw = deep_merge(raw, {"train": {"run_name": scheme}})
+    try:
+        cfg = build_config(raw)
+    except ConfigError as exc:
+        raise UserError(f"{study.path}: scheme {scheme}: {exc}") from None
+    if cfg.model.position.scheme != scheme:
+        raise UserError(f"{study.path}: overrides.{scheme} must set model.position.scheme: {scheme}")
+    cfg_path = out / "configs" / f"{scheme}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_dir = out / "runs" / scheme
+    if _finished(run_dir, cfg.train.max_steps):
+        print(f"[study] {scheme}: finished run found in {run_dir}, reusing it", flush=True)
+        return run_dir
+    cmd = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(cfg_path),
+           "--run-dir", str(run_dir)]
+    if checkpoint.complete_checkpoints(run_dir):
+        cmd.append("--resume")
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)  # a start that died before its first checkpoint holds nothing to keep
+    print(f"[study] {scheme}: training {cfg.train.max_steps} steps -> {run_dir}", flush=True)
+    t0 = time.perf_counter()
+    log = out / "logs" / f"train-{scheme}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not _finished(run_dir, cfg.train.max_steps):
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise UserError(f"training {scheme} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"[study] {scheme}: trained in {time.perf_counter() - t0:.0f} s, "
+          f"val loss {summary.get('val_loss', float('nan')):.4f}", flush=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluations(study: Study, scheme: str, lengths: list[int], train_len: int) -> list[tuple[str | None, float]]:
+    """(variant or None, factor) pairs to evaluate for one scheme."""
+    out: list[tuple[str | None, float]] = [(None, 1.0)]
+    if scheme in study.eval.scaling_schemes:
+        for v in study.eval.scaling_variants:
+            if v == "dynamic_ntk":
+                factor = float(study.eval.dynamic_ntk_factor)
+            elif study.eval.scaling_factor is not None:
+                factor = float(study.eval.scaling_factor)
+            else:
+                factor = max(lengths) / train_len
+            out.append((v, max(1.0, factor)))
+    return out
+
+
+def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path) -> list[Path]:
+    """Perplexity of one trained run at every study length, per scaling variant; reuses result
+    files whose settings and checkpoint step match."""
+    from bifocal.data_pipeline.loader import PreparedData, iter_documents
+
+    from .loading import load_model
+    from .perplexity import apply_scaling, evaluate_perplexity, format_table
+    from .results import EvalResult, load
+
+    ev = study.eval
+    model = tokenizer = None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    train_len = int(cfg_raw["train"]["seq_len"])
+    lengths = [train_len * int(m) for m in ev.length_multiples]
+    prepared = PreparedData(cfg_raw["data"]["prepared_dir"])
+    paths = []
+    for variant, factor in evaluations(study, scheme, lengths, train_len):
+        path = out / "results" / (f"{scheme}-{variant}.json" if variant else f"{scheme}.json")
+        settings = {"eval": asdict(ev), "step": summary["step"], "lengths": lengths, "factor": factor}
+        if path.is_file():
+            try:
+                if load(path).extra.get("settings") == json.loads(json.dumps(settings)):
+                    print(f"[study] {scheme} {variant or ''}: result {path} is current, reusing it", flush=True)
+                    paths.append(path)
+                    continue
+            except ValueError:
+                pass
+        if model is None:
+            model, tokenizer = load_model(run_dir, device=ev.device)
+        apply_scaling(model, variant, factor, lengths)
+        # Every length reads the same documents (those long enough for the longest length), so
+        # the curve shows context length, not a change of text mix.
+        docs = lambda n: iter_documents(prepared, "val", min_tokens=max(lengths) + 1)  # noqa: E731
+        t0 = time.perf_counter()
+        skipped: dict[int, str] = {}
+        rows = evaluate_perplexity(model, docs, lengths, max_docs=ev.max_docs, max_tokens=ev.max_tokens,
+                                   batch_size=ev.batch_size, on_skip=skipped.__setitem__)
+        if not rows:
+            raise UserError(f"{scheme}: no validation document in {prepared.path} has {max(lengths) + 1} tokens; "
+                            "lower eval.length_multiples")
+        name = f"{scheme} + {variant} x{factor:g}" if variant else scheme
+        print(f"[study] {name}: evaluated in {time.perf_counter() - t0:.0f} s\n{format_table(rows, train_len)}",
+              flush=True)
+        for n, why in skipped.items():
+            print(f"[study] warning: {name}: length {n}: {why}", flush=True)
+        result = EvalResult(kind="ppl", model=scheme, scheme=scheme, rows=rows, variant=variant or "none",
+                            factor=factor, train_len=train_len,
+                            extra={"run_dir": str(run_dir), "settings": settings, "skipped": skipped})
+        paths.append(result.save(path))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_study(study: Study, out: str | Path) -> dict[str, Path]:
+    """Train, evaluate and report; returns write_report's paths."""
+    from .report import write_report
+    from .results import load
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"[study] {study.path.name}: schemes {', '.join(study.schemes)} -> {out}", flush=True)
+    result_paths: list[Path] = []
+    for scheme in study.schemes:
+        run_dir = train_scheme(study, scheme, out)
+        result_paths += evaluate_scheme(study, scheme, run_dir, out)
+    paths = write_report([load(p) for p in result_paths], out)
+    elapsed = time.perf_counter() - t0
+    (out / "study.json").write_text(json.dumps({"preset": str(study.path), "schemes": study.schemes,
+                                                "wall_s": round(elapsed, 1)}, indent=1) + "\n")
+    print(f"[study] done in {elapsed / 60:.1f} min", flush=True)
+    print(f"[study] report  {paths['markdown'].resolve()}")
+    if "extrapolation" in paths:
+        print(f"[study] plot    {paths['extrapolation'].resolve()}")
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    study = load_study(args.preset, args.overrides, args.schemes)
+    run_study(study, args.out)
+    return 0
