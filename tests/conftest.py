@@ -72,3 +72,18 @@ def tiny_config(tmp_path_factory) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_cli(["prepare", str(path)], cwd=root)
     return path
+
+
+def perturb_position_params(model) -> None:
+    """Move position parameters off their initialisation (delta into [-2pi, 0]), so anything that
+    dropped or reset them would change the logits."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("position.delta"):
+                p.uniform_(-2 * math.pi, 0)
+            elif ".position." in name:
+                p.add_(0.05 * torch.randn_like(p))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from bifocal.eval.generate import filter_logits, generate
 from bifocal.eval.hf_io import save_hf
 from bifocal.launcher.cli import main as cli
 from bifocal.model import GPT, GPTConfig
+from conftest import perturb_position_params
 
 SCHEMES = ["rope", "spectral", "bifocal", "pope", "nope"]
 AUSTEN = Path(__file__).resolve().parent.parent / "data" / "nl_small_austen.jsonl.gz"
@@ -26,12 +26,7 @@ def tiny(scheme: str, vocab: int = 64, seed: int = 0, **kw) -> GPT:
     # Untied, with a large init: random tiny models then continue with varied tokens.
     model = GPT(GPTConfig.from_dict(dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=32,
                                          tie_embeddings=False, init_std=0.3, position={"scheme": scheme}, **kw))).eval()
-    with torch.no_grad():  # position parameters off their initialisation
-        for name, p in model.named_parameters():
-            if name.endswith("position.delta"):
-                p.uniform_(-2 * math.pi, 0)
-            elif ".position." in name:
-                p.add_(0.05 * torch.randn_like(p))
+    perturb_position_params(model)
     return model
 
 

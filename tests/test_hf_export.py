@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from bifocal.data_pipeline.tokenizer import train_tokenizer
 from bifocal.eval.generate import generate
 from bifocal.eval.hf_io import load_exported, load_native_state_dict_into_hf, load_tokenizer, save_hf
 from bifocal.model import GPT, GPTConfig
+from conftest import perturb_position_params
 
 AUSTEN = Path(__file__).resolve().parent.parent / "data" / "nl_small_austen.jsonl.gz"
 TOL = 1e-5
@@ -49,12 +49,7 @@ def tiny(scheme: str, vocab: int, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig.from_dict(dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=64,
                                          position=pos, **kw))).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("position.delta"):
-                p.uniform_(-2 * math.pi, 0)
-            elif ".position." in name:
-                p.add_(0.05 * torch.randn_like(p))
+    perturb_position_params(model)
     return model
 
 
