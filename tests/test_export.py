@@ -61,6 +61,18 @@ def test_rope_run_exports_as_plain_llama(tiny_config, tmp_path):
     ids = text_ids(tok)
     with torch.no_grad():
         assert (hf(ids).logits - native(ids)[0]).abs().max().item() <= 1e-5
+    # Downstream evaluation interface (what lm-evaluation-harness's `hf` model computes): the
+    # log-likelihood of a continuation, via AutoTokenizer + AutoModelForCausalLM on the export.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    context, continuation = "It is a truth universally", " acknowledged, that a single man"
+    whole = hf_tok(context + continuation, return_tensors="pt").input_ids
+    n_ctx = len(hf_tok(context).input_ids)
+    assert whole[0].tolist() == tok.encode(context + continuation)
+    with torch.no_grad():
+        def loglik(logits):
+            return logits.log_softmax(-1)[0, n_ctx - 1:-1].gather(-1, whole[0, n_ctx:, None]).sum().item()
+
+        assert loglik(hf(whole).logits) == pytest.approx(loglik(native(whole)[0]), abs=1e-4)
 
 
 def test_continued_pretraining_of_a_hf_llama(tiny_config, tmp_path):
