@@ -142,10 +142,10 @@ def plot_attention(attn: dict[str, Any], path: Path) -> Path:
     heads = attn["per_head"]
     ax_e.bar(range(len(heads)), [h["entropy"] for h in heads], color=[colors[h["group"]] for h in heads])
     ax_e.set_xticks(range(len(heads)), [f"L{h['layer']}h{h['head']}" for h in heads], rotation=90, fontsize=6)
-    for g, c in colors.items():
-        ax_e.bar([], [], color=c, label=g)
+    from matplotlib.patches import Patch
+
     ax_e.set(ylabel="mean attention entropy (nats)", title="Focus per head (lower = sharper)")
-    ax_e.legend(fontsize=8)
+    ax_e.legend(handles=[Patch(color=c, label=g) for g, c in colors.items()], fontsize=8)
     x = np.arange(len(attn["buckets"]))
     for g, stats in attn["groups"].items():
         ax_m.plot(x, stats["mass"], "o-", color=colors[g], label=f"{g} (H={stats['heads']})")
