@@ -1,0 +1,73 @@
+"""`bifocal study extrapolation --preset smoke` end to end: two schemes trained by real `bifocal
+train` subprocesses, evaluated at 1x-4x, reported; a second invocation reuses everything."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bifocal.eval.results import load
+from bifocal.eval.study import evaluations, load_study
+from bifocal.launcher.errors import UserError
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("study")
+    t0 = time.perf_counter()
+    proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out"], cwd, timeout=600)
+    return cwd / "out", proc, time.perf_counter() - t0
+
+
+def test_smoke_study_writes_report_plot_and_results(study):
+    out, proc, _ = study
+    md = (out / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    assert [c.strip() for c in header.strip("|").split("|")][-3:] == ["32", "64*", "128*"]
+    for label in ("| rope |", "| rope+yarn(x4) |", "| bifocal |"):
+        assert label in md, label
+    png = (out / "extrapolation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    names = sorted(p.name for p in (out / "results").glob("*.json"))
+    assert names == ["bifocal.json", "rope-yarn.json", "rope.json"]
+    for name in names:
+        result = load(out / "results" / name)
+        assert [r["length"] for r in result.rows] == [32, 64, 128]
+        assert all(r["tokens"] == 256 for r in result.rows)  # eval.max_tokens of the preset
+    assert load(out / "results" / "rope-yarn.json").factor == 4.0
+    for scheme in ("rope", "bifocal"):
+        assert (out / "runs" / scheme / "summary.json").is_file()
+    assert str((out / "report.md").resolve()) in proc.stdout
+
+
+def test_second_run_reuses_finished_runs_and_results(study):
+    out, _, first = study
+    stamp = (out / "runs" / "rope" / "summary.json").stat().st_mtime
+    t0 = time.perf_counter()
+    proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out"], out.parent)
+    second = time.perf_counter() - t0
+    assert proc.stdout.count("finished run found") == 2
+    assert proc.stdout.count("is current, reusing it") == 3
+    assert (out / "runs" / "rope" / "summary.json").stat().st_mtime == stamp
+    assert second < first
+
+
+def test_study_file_validation(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {include: " + str(tmp_path / "nope.yaml") + "}\nschemes: [rope]\nevals: {}\n")
+    with pytest.raises(UserError, match="did you mean `eval`"):
+        load_study(str(bad))
+    with pytest.raises(UserError, match="unknown study preset"):
+        load_study("no-such-preset")
+    with pytest.raises(UserError, match="scheme 'alibi'"):
+        load_study("smoke", schemes="rope,alibi")
+    s = load_study("cpu", ["train.max_steps=7", "eval.max_tokens=99"], "rope")
+    assert s.base["train"]["max_steps"] == 7 and s.eval.max_tokens == 99 and s.schemes == ["rope"]
+    assert s.run_config("rope")["model"]["position"]["scheme"] == "rope"
+    # rope gets every variant at factor 16, dynamic NTK at factor 1 (it adapts per length)
+    assert evaluations(s, "rope", [128, 2048], 128) == [(None, 1.0), ("pi", 16.0), ("ntk", 16.0),
+                                                        ("dynamic_ntk", 1.0), ("yarn", 16.0)]
+    assert evaluations(s, "pope", [128, 2048], 128) == [(None, 1.0)]
