@@ -269,6 +269,8 @@ def main(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    if args.factor is not None and not args.rope_scaling:
+        raise UserError("--factor needs --rope-scaling pi|ntk|dynamic_ntk|yarn")
     model_path = Path(args.model)
     model, tokenizer = load_model(model_path, device=args.device)
     documents, described = resolve_documents(model_path, args.data, tokenizer)
