@@ -1,0 +1,53 @@
+"""An exported bifocal model under lm-evaluation-harness's `hf` model type, on a local task:
+its per-sample log-likelihoods equal the native model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+lm_eval = pytest.importorskip("lm_eval")
+
+DOCS = [
+    {"context": "It is a truth universally acknowledged, that a single man in possession of a good",
+     "continuation": " fortune"},
+    {"context": "def __init__(self, name", "continuation": "):\n        self.name = name"},
+]
+
+
+def test_lm_eval_loglikelihood_matches_native(tiny_config, tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    from bifocal.data_pipeline.loader import PreparedData
+    from bifocal.eval.hf_io import save_hf
+    from bifocal.model import GPT, GPTConfig
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = PreparedData(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]).tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_dict({"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "d_model": 32,
+                                     "position": {"scheme": "bifocal", "spectral_heads": 2}})).eval()
+    export = save_hf(model, tok, tmp_path / "export")
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (tmp_path / "local_ll.yaml").write_text(yaml.safe_dump({
+        "task": "bifocal_local_ll", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data.jsonl")}}, "test_split": "test",
+        "output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}",
+        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}],
+    }))
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},trust_remote_code=True",
+                                  tasks=["bifocal_local_ll"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  batch_size=1, device="cpu", log_samples=True)
+    samples = out["samples"]["bifocal_local_ll"]
+    assert len(samples) == len(DOCS)
+    for sample in samples:
+        doc = sample["doc"]
+        ctx, whole = tok.encode(doc["context"]), tok.encode(doc["context"] + doc["continuation"])
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logp = model(ids)[0].log_softmax(-1)[0, len(ctx) - 1:-1].gather(-1, ids[0, len(ctx):, None]).sum().item()
+        assert sample["resps"][0][0][0] == pytest.approx(logp, abs=1e-4)
