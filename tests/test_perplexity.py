@@ -24,6 +24,16 @@ from conftest import run_cli
 TRAIN_LEN = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: intra-op threads only add synchronisation, which on a shared, loaded
+    machine costs far more than the work itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_model(scheme: str, seed: int = 0) -> GPT:
     """Random weights with a large init so attention (and so position) matters to the loss."""
     torch.manual_seed(seed)
