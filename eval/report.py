@@ -184,6 +184,22 @@ def _figure():
     return fig
 
 
+# Colour says which model (scheme), line style which training-free scaling variant, so a dozen
+# lines stay tellable apart.
+SCHEME_COLOURS = {"rope": "tab:blue", "bifocal": "tab:red", "spectral": "tab:green", "pope": "tab:purple",
+                  "nope": "tab:gray"}
+VARIANT_STYLES = {"none": ("-", "o"), "pi": ("--", "s"), "ntk": (":", "^"), "dynamic_ntk": ("-.", "v"),
+                  "yarn": ((0, (5, 1, 1, 1, 1, 1)), "D")}
+
+
+def _line_style(result: EvalResult) -> dict:
+    linestyle, marker = VARIANT_STYLES.get(result.variant, ("-", "o"))
+    style = {"linestyle": linestyle, "marker": marker, "markersize": 4}
+    if result.scheme in SCHEME_COLOURS:
+        style["color"] = SCHEME_COLOURS[result.scheme]
+    return style
+
+
 def _plot_lengths(groups: dict[str, list[EvalResult]], value: str, ylabel: str, title: str,
                   path: Path, log_y: bool) -> Path:
     fig = _figure()
@@ -194,7 +210,7 @@ def _plot_lengths(groups: dict[str, list[EvalResult]], value: str, ylabel: str, 
                      if isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not log_y))
         lengths.update(n for n, _ in pts)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
+            ax.plot(*zip(*pts), label=name, **_line_style(group[0]))
     for i, t in enumerate(sorted({_train_len(g) for g in groups.values()} - {None})):
         ax.axvline(t, color="grey", linestyle="--", linewidth=1,
                    label="training length" if i == 0 else None)
@@ -214,7 +230,8 @@ def _plot_lengths(groups: dict[str, list[EvalResult]], value: str, ylabel: str, 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.set_size_inches(9, 4.5)
     fig.tight_layout()
     fig.savefig(path)
     return path
