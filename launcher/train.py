@@ -338,7 +338,8 @@ def summarize(run_dir: Path, step: int, val_loss: float | None) -> None:
     print(f"  loss curve      {png.resolve() if png else 'n/a'}")
     print(f"  tensorboard     tensorboard --logdir {(run_dir / 'tensorboard').resolve()}")
     print(f"  checkpoint      {latest[1].resolve() if latest else 'n/a'}")
-    print(f"  next            bifocal eval ppl {run_dir} --lengths 256,512,1024   |   "
+    T = load_config(run_dir / "config.yaml").train.seq_len
+    print(f"  next            bifocal eval ppl {run_dir} --lengths {T},{2 * T},{4 * T},{8 * T}   |   "
           f"bifocal export {run_dir} --out {run_dir}/export")
 
 
