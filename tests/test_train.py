@@ -199,3 +199,23 @@ def test_resume_on_a_different_number_of_ranks(reference, tiny_config, tmp_path)
     ref, got = losses(reference[0]), losses(run_dir)
     for step in range(5, 9):
         assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_config, tmp_path):
+    run_dir = tmp_path / "runs" / "term"
+    args = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config), "--run-dir", str(run_dir),
+            "--set", "train.max_steps=400", "--set", "train.save_every=4", "--set", "train.eval_every=0"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step_00000004" / "complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped by signal" in out
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < 400 and checkpoint.latest_checkpoint(run_dir)[0] == stopped_at
+    resumed = run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", f"train.max_steps={stopped_at + 2}"], tmp_path)
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert checkpoint.latest_checkpoint(run_dir)[0] == stopped_at + 2
