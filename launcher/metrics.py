@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bifocal.model.position import SpectralRotary
+
 
 def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndarray]:
     """Omega (theta + offset), A, Phi per layer and PoPE's delta, as numpy. Collective under ZeRO-3
@@ -30,7 +32,7 @@ def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndar
         for name, p in params:
             out[name] = p.detach().float().cpu().numpy().copy()
         for name, sub in module.named_modules():
-            if hasattr(sub, "omega_delta") and sub.omega_delta.numel():
+            if isinstance(sub, SpectralRotary) and sub.n_spectral:
                 out[f"{name}.omega"] = sub.omega.detach().cpu().numpy().copy()
     return out
 

@@ -125,6 +125,9 @@ class PositionConfig:
     spectral_heads: int | None = None
     phase_init_std: float = 1e-3
     spectral_lr_mult: float = 1.0
+    # How Omega is learned: "offset" (Omega = theta + d, Adam moves every pair by similar absolute
+    # amounts, so low frequencies change by large factors) or "log" (Omega = theta * e^s: relative).
+    omega_param: str = "offset"
     rope_scaling: RopeScaling | None = None
 
     __nested__ = {"rope_scaling": RopeScaling}
@@ -134,6 +137,7 @@ class PositionConfig:
         _check(self.rope_base > 1.0, "rope_base", self.rope_base, "must be > 1")
         _check(self.phase_init_std >= 0, "phase_init_std", self.phase_init_std, "must be >= 0")
         _check(self.spectral_lr_mult > 0, "spectral_lr_mult", self.spectral_lr_mult, "must be > 0")
+        _check(self.omega_param in ("offset", "log"), "omega_param", self.omega_param, "one of offset, log")
         if isinstance(self.rope_scaling, Mapping):
             self.rope_scaling = from_dict(RopeScaling, self.rope_scaling, "rope_scaling")
 

@@ -313,3 +313,25 @@ def test_invalid_configs_name_key_value_and_allowed(bad, needle):
     with pytest.raises(ConfigError) as err:
         GPTConfig.from_dict({"d_model": 32, **bad})
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_log_frequency_parametrisation():
+    """omega_param=log: Omega = theta * exp(s), exact RoPE at init, trainable, bf16-safe, and a
+    step in s changes every pair's frequency by the same factor (relative, unlike the offset)."""
+    rope = model("rope")
+    m = same_weights(rope, model("spectral", position={"phase_init_std": 0.0, "omega_param": "log"}))
+    x = ids()
+    assert (rope(x)[0] - m(x)[0]).abs().max().item() <= 1e-6
+    pos = m.blocks[0].attn.position
+    assert not hasattr(pos, "omega_delta") and pos.omega_log_scale.shape == (4, 4)
+    m.train()
+    m(x, x.roll(-1, dims=1))[1].backward()
+    assert pos.omega_log_scale.grad.abs().sum() > 0
+    theta = pos.omega.detach().clone()
+    with torch.no_grad():
+        pos.omega_log_scale.add_(0.1)
+    assert torch.allclose(pos.omega / theta, torch.full_like(theta, math.exp(0.1)))
+    assert torch.equal(model("spectral", position={"omega_param": "log"}).to(torch.bfloat16).blocks[0].attn.position.omega[0],
+                       1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
+    with pytest.raises(ConfigError, match="omega_param='exp'"):
+        tiny("spectral", position={"omega_param": "exp"})

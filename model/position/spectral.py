@@ -37,18 +37,24 @@ class SpectralRotary(PositionEncoding):
         self.n_spectral_kv = self.n_spectral // self.group
         half = cfg.head_dim // 2
         self.rope_base = cfg.position.rope_base
-        # Omega = theta + omega_delta. theta is recomputed in fp32 each forward; storing Omega itself
-        # would let a bf16 engine round it by ~0.2% (radians of error at long range), while the
-        # small offset survives bf16 well. The gradient w.r.t. omega_delta is exactly dL/dOmega.
-        self.omega_delta = nn.Parameter(torch.zeros(self.n_spectral_kv, half))
+        # Omega = theta + omega_delta (or theta * exp(omega_log_scale)). theta is recomputed in fp32
+        # each forward; storing Omega itself would let a bf16 engine round it by ~0.2% (radians of
+        # error at long range), while a small offset or log-scale survives bf16 well. The offset's
+        # gradient is exactly dL/dOmega; the log-scale makes Adam's steps relative to theta.
+        self.log_omega = cfg.position.omega_param == "log"
+        name = "omega_log_scale" if self.log_omega else "omega_delta"
+        self.register_parameter(name, nn.Parameter(torch.zeros(self.n_spectral_kv, half)))
         self.amplitude = nn.Parameter(torch.ones(self.n_spectral, half))
         self.phase = nn.Parameter(torch.randn(self.n_spectral, half) * cfg.position.phase_init_std)
 
     @property
     def omega(self) -> Tensor:
         """The learned frequencies Omega, (spectral kv heads, d/2), float32."""
-        theta = rope_inv_freq(self.head_dim, self.rope_base, self.omega_delta.device)
-        return theta[None, :] + self.omega_delta.float()
+        if self.log_omega:
+            s = self.omega_log_scale.float()
+            return rope_inv_freq(self.head_dim, self.rope_base, s.device)[None, :] * torch.exp(s)
+        d = self.omega_delta.float()
+        return rope_inv_freq(self.head_dim, self.rope_base, d.device)[None, :] + d
 
     def reset_phase(self, std: float) -> None:
         with torch.no_grad():
