@@ -19,11 +19,11 @@ from tqdm import tqdm
 from bifocal.data_pipeline.tokenizer import TextTokenizer
 from bifocal.launcher.errors import UserError
 from bifocal.model import GPT
-from bifocal.model.config import RopeScaling
 
 from .describe import default_out, model_name, model_scheme, train_len
 from .generate import generate
 from .passkey_data import PasskeySample, is_correct, make_passkey_prompt
+from .perplexity import apply_scaling  # one definition of the eval-time scaling defaults
 
 NEW_TOKENS = 8  # a 5-digit key plus slack for a leading space or a split into several tokens
 
@@ -52,18 +52,6 @@ def parse_lengths(text: str) -> list[int]:
     if not lengths or min(lengths) < 1:
         raise UserError(f"--lengths needs positive integers, got {text!r}")
     return lengths
-
-
-def apply_scaling(model: GPT, kind: str | None, factor: float | None, lengths: list[int]) -> float:
-    """Set eval-time RoPE scaling on the fixed heads; returns the factor used (1.0 without)."""
-    if kind is None:
-        return 1.0
-    base = train_len(model)
-    factor = factor if factor is not None else max(1.0, max(lengths) / base)
-    if factor < 1.0:
-        raise UserError(f"--factor must be >= 1, got {factor}")
-    model.set_rope_scaling(RopeScaling(type=kind, factor=float(factor), original_max_len=base))
-    return float(factor)
 
 
 def run_trials(model: GPT, tok: TextTokenizer, lengths: list[int], trials: int, seed: int) -> list[Trial]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from bifocal.launcher.config import CONFIG_DIR, _resolve_inputs, deep_merge, parse_overrides, read_yaml
+from bifocal.launcher.config import CONFIG_DIR, deep_merge, expand, nest, parse_overrides
 from bifocal.launcher.errors import UserError
 from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES, ConfigError, nearest
 
@@ -67,7 +67,7 @@ class Study:
 
     def run_config(self, scheme: str) -> dict:
         """The full run config of one scheme: base, then its overrides."""
-        return deep_merge(self.base, _nest(self.overrides.get(scheme) or {}))
+        return deep_merge(self.base, nest(self.overrides.get(scheme) or {}))
 
 
 def _preset_path(preset: str) -> Path:
@@ -90,30 +90,10 @@ def _base_config(base: Any, study_path: Path) -> dict:
         base = {"include": base}
     if not isinstance(base, dict):
         raise UserError(f"{study_path}: `base` must be a run config mapping or a path")
-    raw = dict(base)
-    include = raw.pop("include", None) or []
-    merged: dict = {}
     try:
-        for inc in [include] if isinstance(include, str) else include:  # later files win
-            merged = deep_merge(merged, read_yaml(study_path.parent / inc))
+        return expand(base, study_path.parent)
     except ConfigError as exc:
         raise UserError(f"{study_path}: base.include: {exc}") from None
-    if isinstance(raw.get("data"), dict):
-        raw["data"] = dict(raw["data"])
-        _resolve_inputs(raw["data"], study_path.parent)
-    return deep_merge(merged, raw)
-
-
-def _nest(dotted: dict[str, Any]) -> dict:
-    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}."""
-    tree: dict = {}
-    for key, value in dotted.items():
-        node = tree
-        parts = str(key).split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
 
 
 def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None) -> Study:

@@ -112,19 +112,27 @@ class RunConfig:
         return out
 
 
+def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = tree
+        parts = str(key).strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`a.b=c` strings into a nested dict; values parsed as YAML (numbers, bools, lists)."""
-    tree: dict[str, Any] = {}
+    dotted: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. train.max_steps=100")
         key, raw = item.split("=", 1)
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
-    return tree
+        dotted[key] = yaml.safe_load(raw) if raw != "" else None
+    return nest(dotted)
 
 
 def deep_merge(base: dict, update: Mapping) -> dict:
@@ -157,15 +165,20 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}")
-    # `include: other.yaml` (or a list) pulls in base configs relative to this file; this one wins.
-    include = raw.pop("include", None)
-    if include:
-        base: dict = {}
-        for inc in [include] if isinstance(include, str) else include:  # later files win
-            base = deep_merge(base, read_yaml(path.parent / inc))
-        raw = deep_merge(base, raw)
+    return expand(raw, path.parent)
+
+
+def expand(raw: Mapping[str, Any], base_dir: Path) -> dict:
+    """Apply `include:` (a file or a list, relative to `base_dir`; later files win and `raw` wins
+    over all) and make the data section's input paths absolute."""
+    raw = dict(raw)
+    include = raw.pop("include", None) or []
+    base: dict = {}
+    for inc in [include] if isinstance(include, str) else include:
+        base = deep_merge(base, read_yaml(base_dir / inc))
+    raw = deep_merge(base, raw)
     if isinstance(raw.get("data"), dict):
-        _resolve_inputs(raw["data"], path.parent)
+        _resolve_inputs(raw["data"], base_dir)
     return raw
 
 

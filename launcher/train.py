@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,7 +24,7 @@ from bifocal.model.config import ConfigError
 
 from . import checkpoint, distributed as dist
 from .errors import UserError
-from .config import RunConfig, deepspeed_config, load_config, read_yaml, save_config
+from .config import RunConfig, deepspeed_config, load_config, save_config
 from .metrics import MetricsLogger, plot_loss, spectral_snapshot
 
 
@@ -75,15 +74,10 @@ class StopFlag:
 
 def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Config and run directory. `--resume` without `--config` reuses the run's own config."""
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    if args.resume and not args.config and run_dir and (run_dir / "config.yaml").is_file():
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.train.out_dir) / cfg.train.run_name
+    if args.resume and not args.config and (run_dir / "config.yaml").is_file():
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
-    if run_dir is None:
-        run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
-        if args.resume and not args.config and (run_dir / "config.yaml").is_file():
-            cfg = load_config(run_dir / "config.yaml", args.overrides)
     return cfg, run_dir
 
 
@@ -321,11 +315,11 @@ def run(args: argparse.Namespace) -> Path:
             bar.close()
         logger.close()
     if is_main:
-        summarize(run_dir, step, val_loss)
+        summarize(run_dir, step, val_loss, cfg.train.seq_len)
     return run_dir
 
 
-def summarize(run_dir: Path, step: int, val_loss: float | None) -> None:
+def summarize(run_dir: Path, step: int, val_loss: float | None, seq_len: int) -> None:
     png = plot_loss(run_dir)
     summary = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -338,7 +332,7 @@ def summarize(run_dir: Path, step: int, val_loss: float | None) -> None:
     print(f"  loss curve      {png.resolve() if png else 'n/a'}")
     print(f"  tensorboard     tensorboard --logdir {(run_dir / 'tensorboard').resolve()}")
     print(f"  checkpoint      {latest[1].resolve() if latest else 'n/a'}")
-    T = load_config(run_dir / "config.yaml").train.seq_len
+    T = seq_len
     print(f"  next            bifocal eval ppl {run_dir} --lengths {T},{2 * T},{4 * T},{8 * T}   |   "
           f"bifocal export {run_dir} --out {run_dir}/export")
 

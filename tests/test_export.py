@@ -4,7 +4,6 @@ pretraining of a Hugging Face Llama model with `--init-from-hf` and export back.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
