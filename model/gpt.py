@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig, RopeScaling
+from .loss import cross_entropy, linear_cross_entropy
 from .position import PositionContext, build_position, make_context
 
 
@@ -125,6 +127,14 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+class LMHead(nn.Linear):
+    """The output projection. Given labels it returns the loss without building the full logits
+    (model/loss.py); it does so inside its own forward so ZeRO-3 has gathered the weight."""
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return super().forward(x) if labels is None else linear_cross_entropy(x, self.weight, labels)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -133,7 +143,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
+        # Recompute every k-th block's activations in the backward (0: keep all); see
+        # set_activation_checkpointing.
+        self.checkpoint_every = 0
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(self._init_weights)
@@ -150,24 +163,36 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, start_pos: int = 0,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+                cache: KVCache | None = None, return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab) and, given `labels` (B, T) aligned with `input_ids` (labels[t] is
         the token after input_ids[t]; -100 is ignored), the mean next-token cross-entropy.
 
-        `start_pos` offsets the positions (with a cache it defaults to the cache length)."""
+        `start_pos` offsets the positions (with a cache it defaults to the cache length).
+        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits."""
         T = input_ids.shape[1]
         if cache is not None and start_pos == 0:
             start_pos = cache.length
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         ctx = make_context(self.cfg, positions)
         x = self.drop(self.embed(input_ids))
-        for block in self.blocks:
-            x = block(x, ctx, cache)
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
-        return logits, loss
+        recompute = self.checkpoint_every > 0 and self.training and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self.blocks):
+            if recompute and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx, cache)
+        x = self.norm(x)
+        if labels is not None and not return_logits:
+            return None, self.lm_head(x, labels)
+        logits = self.lm_head(x)
+        return logits, cross_entropy(logits, labels) if labels is not None else None
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute blocks 0, k, 2k, ... in the backward instead of keeping their activations
+        (every=1: all blocks, 0: none). Selective checkpointing trades memory for less recompute."""
+        if every < 0:
+            raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
+        self.checkpoint_every = every
 
     # -- training helpers -------------------------------------------------------------------
 
