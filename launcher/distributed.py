@@ -1,4 +1,4 @@
-"""Process-group setup for one process (no launcher) or many (deepspeed launcher, torchrun)."""
+"""Process-group setup for one process (no launcher) or many (deepspeed launcher, torchrun, srun)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from . import slurm
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -16,12 +18,13 @@ def _free_port() -> int:
 
 
 def setup_environment(threads: int | None = None) -> None:
-    """Make a lone process look like rank 0 of 1 (else DeepSpeed reaches for MPI), cache the
-    compiled shared-memory op in a fixed place (else it rebuilds for ~60 s per run), and share
-    the CPU cores between the ranks of this machine."""
+    """Take the ranks from Slurm under `srun`, else make a lone process look like rank 0 of 1
+    (else DeepSpeed reaches for MPI); cache the compiled shared-memory op in a fixed place (else
+    it rebuilds for ~60 s per run), and share the CPU cores between the ranks of this machine."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        lone = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(slurm.rank_environment(os.environ) or lone)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bifocal" / "torch_extensions"))
     if not torch.cuda.is_available():
         # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
@@ -35,7 +38,8 @@ def init_distributed(device: str) -> None:
     backend = "nccl" if device == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Modulo: a task that Slurm gave one GPU of its own (--gpus-per-task) sees it as device 0.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def rank() -> int:
