@@ -124,7 +124,7 @@ def test_kill_9_then_resume_two_ranks(tiny_config, tmp_path):
 
 
 def test_two_nodes_through_bifocal_launch(tiny_config, tmp_path):
-    """The launcher's per-node mode (what a Slurm script runs on each node), on localhost."""
+    """The launcher's per-node mode (`--no_ssh --node_rank`, for nodes without ssh between them), on localhost."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     port = str(free_port())

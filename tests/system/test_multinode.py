@@ -8,6 +8,7 @@ they cannot start, the tests skip and say why."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -26,8 +27,6 @@ FIRST, RESUMED = ["--set", "train.max_steps=4"], ["--set", "train.max_steps=8"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    import json
-
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "loss" in r}
 
