@@ -39,6 +39,38 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="bifocal.launcher.train:main")
 
 
+def _bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="training throughput, MFU and memory of every position scheme, side by side",
+                       description="Times the `bifocal train` step (DeepSpeed engine, data loader, optimizer) for "
+                                   "each scheme in turn, blocks of steps round-robin, and prints tokens/s, MFU, "
+                                   "peak memory and ratios to rope. See docs/performance.md.")
+    p.add_argument("--preset", default="tiny", help="tiny | 125m | 350m | 760m | 1.3b | a run config YAML (its model "
+                                                     "and deepspeed sections; data: the bundled demo corpora)")
+    p.add_argument("--schemes", default="all", help="comma-separated schemes (default: all)")
+    p.add_argument("--plain", default="", metavar="SCHEMES",
+                   help="also time these schemes in a plain PyTorch loop without DeepSpeed (framework overhead)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: the preset's precision")
+    p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", type=int, default=0, metavar="K",
+                   help="recompute every K-th block (0: off, 1: every block)")
+    p.add_argument("--vocab-size", type=int, default=None, help="output vocabulary (default: tiny: the data's; "
+                                                                "GPU presets: 50304)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per runner")
+    p.add_argument("--block", type=int, default=5, help="steps per turn (runners alternate every block)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per runner first (compilation happens here)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak FLOP/s per device in TFLOP/s for MFU (default: from the CUDA device name; CPU: none)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-config", default=None, help="YAML whose data section to use (default: configs/data/demo.yaml)")
+    p.add_argument("--out", default="runs/bench", help="where bench.json and bench.png go")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+    p.set_defaults(handler="bifocal.launcher.bench:main")
+
+
 def _launch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch", help="run `bifocal train` under the deepspeed launcher (multi-GPU / multi-node)",
@@ -154,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain GPT-style models with bifocal attention on DeepSpeed.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_prepare, _train, _launch, _eval, _study, _export, _generate):
+    for add in (_prepare, _train, _bench, _launch, _eval, _study, _export, _generate):
         add(sub)
     return parser
 

@@ -39,8 +39,14 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | skip
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch intra-op threads per rank on CPU (None: cores / ranks)
+    compile: bool = False  # torch.compile the model (engine.compile(); inductor, any ZeRO stage)
+    activation_checkpointing: int = 0  # recompute every k-th block in the backward (0: off, 1: all)
+    peak_tflops: float | None = None  # device peak for MFU where the CUDA name table has none
 
     def __post_init__(self) -> None:
+        if not isinstance(self.activation_checkpointing, int) or self.activation_checkpointing < 0:
+            raise ConfigError(f"activation_checkpointing={self.activation_checkpointing!r} is invalid: "
+                              "0 (off), 1 (every block) or k (every k-th block)")
         for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: must be a positive integer")

@@ -1,0 +1,329 @@
+"""`bifocal bench`: training throughput, MFU and peak memory of every position scheme, side by side.
+
+Each scheme gets the training step `bifocal train` runs (a DeepSpeed engine from the same config
+code, the same optimizer, the real window sampler over prepared shards, `launcher.step.train_step`)
+and, with `--plain`, the same model in a plain PyTorch loop (same batch, dtype and compile) to show
+what the framework costs. All runners live in one process and take turns in blocks of `--block`
+steps, round after round, so drift in machine load hits every scheme alike; the figure reported is
+the median over rounds. See docs/performance.md for the MFU formula and the peak FLOP/s assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import textwrap
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bifocal.model.config import SCHEMES, ConfigError, GPTConfig
+from bifocal.model.flops import flops_per_token
+
+from . import distributed as dist
+from .config import CONFIG_DIR, RunConfig, build_config, deep_merge, deepspeed_config, read_yaml
+from .errors import UserError
+from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
+
+PRESETS = {"tiny": CONFIG_DIR / "demo.yaml", "125m": CONFIG_DIR / "gpu" / "125m.yaml",
+           "350m": CONFIG_DIR / "gpu" / "350m.yaml", "760m": CONFIG_DIR / "gpu" / "760m.yaml",
+           "1.3b": CONFIG_DIR / "gpu" / "1.3b.yaml"}
+DEMO_DATA = CONFIG_DIR / "data" / "demo.yaml"
+# The GPU presets train on a 16k tokenizer; the bench's bundled data has 4k tokens, so the model
+# keeps a GPT-2-sized output layer (its FLOPs and memory are a large part of a small model's).
+GPU_VOCAB = 50304
+
+
+def bench_config(args: argparse.Namespace) -> RunConfig:
+    """The preset's model and DeepSpeed sections, the bundled demo data, the bench's flags."""
+    path = PRESETS.get(args.preset, Path(args.preset))
+    if not path.is_file():
+        raise UserError(f"--preset {args.preset!r}: not one of {', '.join(PRESETS)} and no such YAML file")
+    raw = read_yaml(path)
+    raw["data"] = read_yaml(args.data_config or DEMO_DATA)["data"]
+    model = raw.setdefault("model", {})
+    if args.preset in PRESETS and args.preset != "tiny":
+        model.setdefault("vocab_size", GPU_VOCAB)
+    if args.vocab_size:
+        model["vocab_size"] = args.vocab_size
+    train, ds = raw.setdefault("train", {}), raw.setdefault("deepspeed", {})
+    for key, value in (("seq_len", args.seq_len), ("micro_batch", args.micro_batch), ("grad_accum", args.grad_accum)):
+        if value is not None:
+            train[key] = value
+    train.update(device=args.device, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
+    if args.dtype:
+        ds["precision"] = args.dtype
+    if args.zero_stage is not None:
+        ds["zero_stage"] = args.zero_stage
+    raw = deep_merge(raw, {"model": {"max_seq_len": train.get("seq_len", model.get("max_seq_len", 256))}})
+    return build_config(raw)
+
+
+def parse_schemes(text: str, what: str) -> list[str]:
+    schemes = [s.strip() for s in text.split(",") if s.strip()]
+    if text == "all":
+        return list(SCHEMES)
+    bad = [s for s in schemes if s not in SCHEMES]
+    if bad:
+        raise UserError(f"{what}: unknown scheme {bad[0]!r}; one of {', '.join(SCHEMES)} (or all)")
+    return schemes
+
+
+def scheme_model_config(cfg: RunConfig, scheme: str):
+    pos = replace(cfg.model.position, scheme=scheme,
+                  spectral_heads=cfg.model.position.spectral_heads if scheme == "bifocal" else None)
+    return replace(cfg.model, position=pos)
+
+
+@dataclass
+class Runner:
+    """One way of training one scheme: `step()` runs one optimizer step."""
+
+    name: str
+    scheme: str
+    model_cfg: GPTConfig
+    step: Callable[[], object]
+    resident_mb: float = 0.0  # memory it holds between steps (CUDA): weights, optimizer states
+
+
+def build_model(cfg: RunConfig, scheme: str, vocab: int):
+    from bifocal.model import GPT
+
+    mcfg = scheme_model_config(cfg, scheme)
+    mcfg = replace(mcfg, vocab_size=vocab if cfg.vocab_from_data else max(mcfg.vocab_size, vocab))
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(mcfg)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    return model
+
+
+def build_engine(cfg: RunConfig, scheme: str, data):
+    """(engine, train sampler) for `scheme`, built as `bifocal train` builds them."""
+    import deepspeed
+
+    from bifocal.data_pipeline.loader import WindowSampler
+
+    from .train import build_optimizer
+
+    model = build_model(cfg, scheme, data.vocab_size)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, dist.world_size()))
+    if cfg.train.compile:
+        engine.compile()
+    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
+                            rank=dist.rank(), world_size=dist.world_size())
+    return engine, sampler
+
+
+def engine_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
+    from .step import train_step
+
+    engine, sampler = build_engine(cfg, scheme, data)
+    return Runner(scheme, scheme, engine.module.cfg, lambda: train_step(engine, sampler, device, cfg.train.grad_accum))
+
+
+def plain_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
+    """The same model, batch and dtype in a bare PyTorch loop: autocast for bf16, AdamW, clipping."""
+    from bifocal.data_pipeline.loader import WindowSampler
+
+    from .train import build_optimizer
+
+    model = build_model(cfg, scheme, data.vocab_size).to(device)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    if cfg.train.compile:
+        model.compile()
+    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
+
+    def step() -> None:
+        for _ in range(cfg.train.grad_accum):
+            x, y = sampler.next_batch()
+            with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                _, loss = model(x.to(device), y.to(device), return_logits=False)
+            (loss / cfg.train.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Runner(f"{scheme} (plain torch)", scheme, model.cfg, step)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def allocated_mb(device: str) -> float:
+    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else 0.0
+
+
+def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device: str, warmup: int,
+            rounds: int, block: int) -> dict[str, dict]:
+    """Build and warm each runner (its resident memory measured alone), then time blocks in turn.
+
+    Peak memory of a runner = its resident memory + the most its steps allocate above everything
+    resident, so the other runners' weights do not count against it."""
+    from tqdm import tqdm
+
+    for build in tqdm(builders, desc="build + warm up", unit="runner", disable=None):
+        before = allocated_mb(device)
+        r = build()
+        for _ in range(warmup):
+            r.step()
+        sync(device)
+        r.resident_mb = allocated_mb(device) - before
+        runners.append(r)
+    times = {r.name: [] for r in runners}
+    peaks = {r.name: 0.0 for r in runners}
+    bar = tqdm(total=rounds * len(runners), desc="measure", unit="block", disable=None)
+    for _ in range(rounds):
+        for r in runners:
+            sync(device)
+            reset_peak_memory(device)
+            base = allocated_mb(device)
+            t = time.perf_counter()
+            for _ in range(block):
+                r.step()
+            sync(device)
+            times[r.name].append((time.perf_counter() - t) / block)
+            if device == "cuda":
+                peaks[r.name] = max(peaks[r.name], r.resident_mb + peak_memory_mb(device)[1] - base)
+            bar.update(1)
+    bar.close()
+    return {r.name: {"step_s": statistics.median(times[r.name]), "step_s_all": times[r.name],
+                     "peak_mem_mb": peaks[r.name] if device == "cuda" else None} for r in runners}
+
+
+def summarise(runners: list[Runner], timing: dict[str, dict], cfg: RunConfig, device: str, peak: float | None) -> list[dict]:
+    world = dist.world_size()
+    tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.train.seq_len * world
+    rows = []
+    for r in runners:
+        t = timing[r.name]
+        tok_s = tokens / t["step_s"]
+        fpt = flops_per_token(r.model_cfg, cfg.train.seq_len)
+        rows.append({"name": r.name, "scheme": r.scheme, "plain": r.name != r.scheme, "step_ms": 1e3 * t["step_s"],
+                     "tokens_per_s": tok_s, "flops_per_token": fpt, "mfu": mfu(tok_s, fpt, peak, world),
+                     "peak_mem_mb": t["peak_mem_mb"], "step_ms_rounds": [1e3 * s for s in t["step_s_all"]]})
+    rope = {row["plain"]: row for row in rows if row["scheme"] == "rope"}
+    for row in rows:
+        ref = rope.get(row["plain"])
+        row["tokens_per_s_vs_rope"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        row["peak_mem_vs_rope"] = (row["peak_mem_mb"] / ref["peak_mem_mb"]
+                                   if ref and row["peak_mem_mb"] and ref["peak_mem_mb"] else None)
+        twin = next((o for o in rows if o["scheme"] == row["scheme"] and o["plain"] != row["plain"]), None)
+        row["framework_overhead"] = (twin["tokens_per_s"] / row["tokens_per_s"] - 1
+                                     if twin and not row["plain"] else None)
+    return rows
+
+
+def fmt(value, spec: str, na: str = "n/a") -> str:
+    return na if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'scheme':<22} {'step ms':>9} {'tokens/s':>11} {'vs rope':>8} {'MFU':>7} {'peak MiB':>9} {'mem vs rope':>11} {'overhead':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:<22} {r['step_ms']:>9.1f} {r['tokens_per_s']:>11,.0f} "
+                     f"{fmt(r['tokens_per_s_vs_rope'], '.3f'):>8} {fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6}% "
+                     f"{fmt(r['peak_mem_mb'], '.0f'):>9} {fmt(r['peak_mem_vs_rope'], '.3f'):>11} "
+                     f"{fmt(r['framework_overhead'] and 100 * r['framework_overhead'], '+.1f', '-'):>8}%")
+    return "\n".join(lines).replace("n/a%", "n/a ").replace("-%", "- ")
+
+
+def plot(rows: list[dict], title: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mem = [r for r in rows if r["peak_mem_mb"]]
+    fig, axes = plt.subplots(1, 2 if mem else 1, figsize=(11 if mem else 6.5, 4), squeeze=False)
+    ax = axes[0][0]
+    names = [r["name"] for r in rows]
+    colors = ["tab:gray" if r["plain"] else "tab:blue" for r in rows]
+    bars = ax.barh(names, [r["tokens_per_s"] for r in rows], color=colors)
+    for b, r in zip(bars, rows):
+        label = f" {r['tokens_per_s_vs_rope']:.3f}x rope" if r["tokens_per_s_vs_rope"] else ""
+        if r["mfu"]:
+            label += f", MFU {100 * r['mfu']:.1f}%"
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, label, va="center", fontsize=8)
+    ax.set_xlabel("training tokens / s (median over rounds)")
+    ax.invert_yaxis()
+    ax.margins(x=0.35)
+    if mem:
+        ax2 = axes[0][1]
+        ax2.barh([r["name"] for r in mem], [r["peak_mem_mb"] for r in mem], color="tab:orange")
+        ax2.set_xlabel("peak memory (MiB)")
+        ax2.invert_yaxis()
+    fig.suptitle(textwrap.fill(title, 120), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def describe(cfg: RunConfig, device: str, peak: float | None) -> str:
+    t, m = cfg.train, cfg.model
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return (f"{name} x{dist.world_size()} | d_model={m.d_model} n_layer={m.n_layer} n_head={m.n_head} "
+            f"vocab={m.vocab_size} | seq {t.seq_len} x micro-batch {t.micro_batch} x accum {t.grad_accum} | "
+            f"{cfg.deepspeed.precision} ZeRO-{cfg.deepspeed.zero_stage} compile={t.compile} "
+            f"AC={t.activation_checkpointing} | peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s per device")
+
+
+def main(args: argparse.Namespace) -> int:
+    from bifocal.data_pipeline.errors import DataError
+
+    try:
+        cfg = bench_config(args)
+        schemes = parse_schemes(args.schemes, "--schemes")
+        plain = parse_schemes(args.plain, "--plain") if args.plain else []
+        if plain and cfg.deepspeed.precision == "fp16":
+            raise UserError("--plain supports fp32 and bf16 (fp16 needs a loss scaler); use --dtype bf16")
+        if plain and dist.world_size() > 1:
+            raise UserError("--plain runs in one process; start `bifocal bench` without a launcher")
+        for key in ("steps", "block", "warmup"):
+            if getattr(args, key) < 1:
+                raise UserError(f"--{key}={getattr(args, key)} is invalid: must be >= 1")
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise UserError(f"--out {out} is not empty; pass --overwrite or choose another directory (nothing was written)")
+        dist.setup_environment(cfg.train.threads)
+        device = dist.resolve_device(cfg.train.device)
+        peak = peak_flops(device, cfg.deepspeed.precision, args.peak_tflops)
+        dist.init_distributed(device)
+        from .train import prepare_data
+
+        data = prepare_data(cfg)
+        builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
+        builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
+        rounds = max(1, args.steps // args.block)
+        runners: list[Runner] = []
+        timing = measure(runners, builders, device, args.warmup, rounds, args.block)
+    except (ConfigError, DataError) as exc:
+        raise UserError(str(exc)) from None
+    rows = summarise(runners, timing, cfg, device, peak)
+    title = describe(cfg, device, peak)
+    if dist.rank() == 0:
+        print(f"\n{title}\n{rounds} rounds x {args.block} steps per runner, medians\n")
+        print(table(rows))
+        if device != "cuda":
+            print(f"\npeak memory per scheme: n/a on CPU (one process holds every runner); "
+                  f"process peak RSS {peak_memory_mb(device)[1]:.0f} MiB")
+        if peak is None:
+            print("MFU: n/a (no peak FLOP/s known for this device; pass --peak-tflops)")
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"title": title, "device": device, "rounds": rounds, "block": args.block, "warmup": args.warmup,
+                  "peak_flops": peak, "config": cfg.to_dict(), "rows": rows}
+        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        png = plot(rows, title, out / "bench.png")
+        print(f"\nbifocal: wrote {out / 'bench.json'} and {png}")
+    return 0

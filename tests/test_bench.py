@@ -1,0 +1,41 @@
+"""`bifocal bench` end to end on CPU: every runner timed, ratios, MFU with a given peak, files."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_times_each_scheme_and_the_plain_loop(tiny_config, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli(["bench", "--preset", str(tiny_config), "--data-config", str(tiny_config),
+                    "--schemes", "rope,bifocal,pope", "--plain", "bifocal", "--steps", "2", "--block", "1",
+                    "--warmup", "1", "--peak-tflops", "0.5", "--out", str(out)], tmp_path)
+    result = json.loads((out / "bench.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["rope", "bifocal", "pope", "bifocal (plain torch)"]
+    for name, row in rows.items():
+        assert name in proc.stdout
+        assert row["tokens_per_s"] > 0 and len(row["step_ms_rounds"]) == 2
+        assert 0 < row["mfu"] < 1  # 0.5 TFLOP/s given: a tiny model on a CPU is far below it
+        assert row["peak_mem_mb"] is None  # per-scheme memory is a CUDA figure
+    assert rows["rope"]["tokens_per_s_vs_rope"] == 1.0
+    assert rows["bifocal"]["tokens_per_s_vs_rope"] == rows["bifocal"]["tokens_per_s"] / rows["rope"]["tokens_per_s"]
+    assert rows["pope"]["flops_per_token"] > rows["rope"]["flops_per_token"] == rows["bifocal"]["flops_per_token"]
+    assert rows["bifocal"]["framework_overhead"] is not None
+    assert (out / "bench.png").stat().st_size > 0
+    assert "peak RSS" in proc.stdout
+
+
+def test_bench_rejects_bad_input_with_one_line_and_writes_nothing(tiny_config, tmp_path):
+    for args, needle in ((["--schemes", "rope,alibi"], "unknown scheme 'alibi'"),
+                         (["--preset", "nope.yaml"], "--preset 'nope.yaml'"),
+                         (["--steps", "0"], "--steps=0"),
+                         (["--plain", "rope", "--dtype", "fp16"], "--plain supports fp32 and bf16")):
+        proc = run_cli(["bench", "--data-config", str(tiny_config), "--out", str(tmp_path / "b"), *args], tmp_path,
+                       check=False)
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("bifocal: error:")]
+        assert len(errors) == 1 and needle in errors[0] and "Traceback" not in proc.stderr
+        assert not (tmp_path / "b").exists()
