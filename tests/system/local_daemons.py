@@ -103,6 +103,22 @@ class SlurmCluster:
     def env(self, base: dict[str, str]) -> dict[str, str]:
         return {**base, "SLURM_CONF": str(self.root / "slurm.conf")}
 
+    def run_job(self, sbatch_args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[str, str]:
+        """Submit with sbatch and wait for the job to end: (final state, its id). Polls scontrol
+        twice a second (`sbatch --wait` polls with a growing interval: ~20 s late here)."""
+        job = subprocess.run(["sbatch", "--parsable", *sbatch_args], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip().split(";")[0]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True,
+                                  text=True).stdout
+            state = info.split("JobState=")[1].split()[0] if "JobState=" in info else "UNKNOWN"
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "UNKNOWN"):
+                return state, job
+            time.sleep(0.5)
+        subprocess.run(["scancel", job], env=env)
+        return "TIMEOUT (test)", job
+
 
 def _slurm_conf(root: Path, node: str, cpus: int) -> str:
     return "\n".join([

@@ -93,13 +93,12 @@ def test_sbatch_script_trains_checkpoints_and_resumes(slurm_cluster, tiny_config
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `bifocal` as an activated venv has it
     log = ""
     for extra in (FIRST, RESUMED):
-        proc = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", f"--chdir={tmp_path}", str(SBATCH),
-                               "--config", str(tiny_config), "--run-dir", "runs/slurm", "--set", "train.micro_batch=2",
-                               *extra], env=env, capture_output=True, text=True, timeout=300)
-        job = re.search(r"Submitted batch job (\d+)", proc.stdout)
-        out = tmp_path / f"bifocal-{job.group(1)}.out" if job else None
-        log = out.read_text() if out and out.exists() else proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-4000:]
+        state, job = slurm_cluster.run_job(["--nodes=1", "--ntasks-per-node=2", f"--chdir={tmp_path}", str(SBATCH),
+                                            "--config", str(tiny_config), "--run-dir", "runs/slurm",
+                                            "--set", "train.micro_batch=2", *extra], env)
+        out = tmp_path / f"bifocal-{job}.out"  # the script's --output=%x-%j.out
+        log = out.read_text() if out.exists() else f"no {out}"
+        assert state == "COMPLETED", (state, log[-4000:])
     check_two_rank_run(tmp_path / "runs" / "slurm", reference, log)
 
 
