@@ -303,15 +303,19 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
     return answer.split() == solve(task, prompt).split()
 
 
-def eval_settings(task: str) -> list[tuple[str, str, dict]]:
-    """Default (split, setting label, params) grid: "in" matches DEFAULTS, "out" is longer/deeper."""
-    base = _resolve_params(task, {})
+def eval_settings(task: str, params: dict | None = None) -> list[tuple[str, str, dict]]:
+    """(split, setting label, params) grid around a training distribution (`params`, default
+    DEFAULTS): "in" is the training distribution itself, "out" is longer (max_len+1 .. 2*max_len,
+    2*max_len+1 .. 4*max_len) and, for Dyck, deeper at the training lengths. Every setting keeps
+    the other training parameters (modulus, alphabet, mode)."""
+    train = dict(params or {})
+    base = _resolve_params(task, train)
     lo, hi = base["min_len"], base["max_len"]
-    settings = [("in", f"len {lo}-{hi}", {})]
+    settings = [("in", f"len {lo}-{hi}", train)]
     for a, b in ((hi + 1, 2 * hi), (2 * hi + 1, 4 * hi)):
-        settings.append(("out", f"len {a}-{b}", {"min_len": a, "max_len": b}))
+        settings.append(("out", f"len {a}-{b}", {**train, "min_len": a, "max_len": b}))
     if task == "dyck":
         d = base["max_depth"]
         # Same lengths as training, so only depth is out of distribution.
-        settings.append(("out", f"depth {d + 1}-{2 * d}", {"min_depth": d + 1, "max_depth": 2 * d}))
+        settings.append(("out", f"depth {d + 1}-{2 * d}", {**train, "min_depth": d + 1, "max_depth": 2 * d}))
     return settings

@@ -46,7 +46,9 @@ def spectral_heads(model: GPT) -> list[dict[str, Any]]:
     if n_spec == 0:
         return []
     group = cfg.n_head // cfg.n_kv_head
-    theta = 1.0 / cfg.position.rope_base ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    from bifocal.model.position.spectral import spectral_init_freq
+
+    theta = spectral_init_freq(cfg).numpy()  # where Omega started (RoPE's theta unless spectral_init says otherwise)
     out = []
     for layer in range(cfg.n_layer):
         prefix = f"blocks.{layer}.attn.position"

@@ -5,6 +5,7 @@ A study YAML (configs/study/*.yaml) holds:
 
     base:                 # a run config: `include:` (relative to the study file) and/or sections
     schemes: [rope, bifocal, spectral, pope]
+    seeds: 3              # N (train.seed, +1, ... +N-1) or a list of seeds; --seeds N overrides
     overrides:            # per scheme, dotted run-config keys -> values
       rope: {model.position.scheme: rope}
     eval:
@@ -17,8 +18,10 @@ A study YAML (configs/study/*.yaml) holds:
       max_tokens: 8192                     # scored tokens per length
       batch_size: 1
 
-Layout: OUT/configs/<scheme>.yaml (the exact run config), OUT/runs/<scheme> (the run),
-OUT/results/<scheme>[-variant].json, OUT/report.md, OUT/extrapolation.png. A finished run and a
+Layout: OUT/configs/<run>.yaml (the exact run config), OUT/runs/<run> (the run),
+OUT/results/<run>[-variant].json, OUT/report.md, OUT/extrapolation.png, where <run> is the scheme,
+or <scheme>-s<seed> when the study has several seeds (report.md then gives mean ± std per length
+and says which differences exceed the seed spread). A finished run and a
 result whose settings are unchanged are reused, so re-running a study resumes it.
 """
 
@@ -64,10 +67,35 @@ class Study:
     schemes: list[str]
     overrides: dict[str, dict[str, Any]]
     eval: StudyEval
+    seeds: list[int] = field(default_factory=list)  # empty: the base config's train.seed, one run
 
-    def run_config(self, scheme: str) -> dict:
-        """The full run config of one scheme: base, then its overrides."""
-        return deep_merge(self.base, nest(self.overrides.get(scheme) or {}))
+    def run_config(self, scheme: str, seed: int | None = None) -> dict:
+        """The full run config of one scheme: base, then its overrides, then the seed."""
+        raw = deep_merge(self.base, nest(self.overrides.get(scheme) or {}))
+        return raw if seed is None else deep_merge(raw, {"train": {"seed": seed}})
+
+    def runs(self) -> list[tuple[str, int | None, str]]:
+        """(scheme, seed or None, run name) for every run: `scheme`, or `scheme-s<seed>` with
+        several seeds."""
+        if len(self.seeds) <= 1:
+            return [(s, self.seeds[0] if self.seeds else None, s) for s in self.schemes]
+        return [(s, seed, f"{s}-s{seed}") for s in self.schemes for seed in self.seeds]
+
+
+def _seed_list(value: Any, base: dict, where: str) -> list[int]:
+    """`seeds: N` -> N seeds from the base train.seed up; a list is taken as given."""
+    if value is None:
+        return []
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise UserError(f"{where}: `seeds` must be a positive integer or a list of integers, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise UserError(f"{where}: `seeds` must be >= 1, got {value}")
+        first = int((base.get("train") or {}).get("seed", 1234))
+        return [first + i for i in range(value)]
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or len(set(value)) < len(value):
+        raise UserError(f"{where}: `seeds` must be a non-empty list of distinct integers, got {value!r}")
+    return list(value)
 
 
 def _preset_path(preset: str) -> Path:
@@ -96,8 +124,10 @@ def _base_config(base: Any, study_path: Path) -> dict:
         raise UserError(f"{study_path}: base.include: {exc}") from None
 
 
-def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None) -> Study:
-    """Read and validate a study (a preset name or a YAML path), `--set` and `--schemes` applied."""
+def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None,
+               seeds: int | None = None) -> Study:
+    """Read and validate a study (a preset name or a YAML path), `--set`, `--schemes` and
+    `--seeds` applied."""
     path = _preset_path(preset)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -111,7 +141,7 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         raw = deep_merge(raw, parse_overrides(sets))
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    known = ("base", "schemes", "overrides", "eval")
+    known = ("base", "schemes", "seeds", "overrides", "eval")
     for key in raw:
         if key not in known:
             raise UserError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
@@ -120,9 +150,11 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     for key in ev:
         if key not in fields:
             raise UserError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
-    study = Study(path=path, base=_base_config(raw.get("base") or {}, path),
-                  schemes=list(raw.get("schemes") or ["rope", "bifocal"]),
-                  overrides=dict(raw.get("overrides") or {}), eval=StudyEval(**ev))
+    base = _base_config(raw.get("base") or {}, path)
+    study = Study(path=path, base=base, schemes=list(raw.get("schemes") or ["rope", "bifocal"]),
+                  overrides=dict(raw.get("overrides") or {}), eval=StudyEval(**ev),
+                  seeds=_seed_list(seeds if seeds is not None else raw.get("seeds"), base,
+                                   "--seeds" if seeds is not None else str(path)))
     if schemes:
         study.schemes = [s.strip() for s in schemes.split(",") if s.strip()]
     for s in study.schemes:
@@ -147,26 +179,27 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
         return False
 
 
-def train_scheme(study: Study, scheme: str, out: Path) -> Path:
-    """Train one scheme with `bifocal train` in a subprocess (skipped when finished, resumed
-    when a checkpoint exists)."""
+def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, name: str | None = None) -> Path:
+    """Train one scheme (with one seed) with `bifocal train` in a subprocess into OUT/runs/<name>
+    (skipped when finished, resumed when a checkpoint exists)."""
     from bifocal.launcher import checkpoint
     from bifocal.launcher.config import build_config
 
-    raw = study.run_config(scheme)
-    raw = deep_merge(raw, {"train": {"run_name": scheme}})
+    name = name or scheme
+    raw = study.run_config(scheme, seed)
+    raw = deep_merge(raw, {"train": {"run_name": name}})
     try:
         cfg = build_config(raw)
     except ConfigError as exc:
         raise UserError(f"{study.path}: scheme {scheme}: {exc}") from None
     if cfg.model.position.scheme != scheme:
         raise UserError(f"{study.path}: overrides.{scheme} must set model.position.scheme: {scheme}")
-    cfg_path = out / "configs" / f"{scheme}.yaml"
+    cfg_path = out / "configs" / f"{name}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run_dir = out / "runs" / scheme
+    run_dir = out / "runs" / name
     if _finished(run_dir, cfg.train.max_steps):
-        print(f"[study] {scheme}: finished run found in {run_dir}, reusing it", flush=True)
+        print(f"[study] {name}: finished run found in {run_dir}, reusing it", flush=True)
         return run_dir
     cmd = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(cfg_path),
            "--run-dir", str(run_dir)]
@@ -174,17 +207,17 @@ def train_scheme(study: Study, scheme: str, out: Path) -> Path:
         cmd.append("--resume")
     elif run_dir.exists():
         shutil.rmtree(run_dir)  # a start that died before its first checkpoint holds nothing to keep
-    print(f"[study] {scheme}: training {cfg.train.max_steps} steps -> {run_dir}", flush=True)
+    print(f"[study] {name}: training {cfg.train.max_steps} steps -> {run_dir}", flush=True)
     t0 = time.perf_counter()
-    log = out / "logs" / f"train-{scheme}.log"
+    log = out / "logs" / f"train-{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not _finished(run_dir, cfg.train.max_steps):
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise UserError(f"training {scheme} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        raise UserError(f"training {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"[study] {scheme}: trained in {time.perf_counter() - t0:.0f} s, "
+    print(f"[study] {name}: trained in {time.perf_counter() - t0:.0f} s, "
           f"val loss {summary.get('val_loss', float('nan')):.4f}", flush=True)
     return run_dir
 
@@ -208,9 +241,10 @@ def evaluations(study: Study, scheme: str, lengths: list[int], train_len: int) -
     return out
 
 
-def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path) -> list[Path]:
+def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: int | None = None,
+                    name: str | None = None) -> list[Path]:
     """Perplexity of one trained run at every study length, per scaling variant; reuses result
-    files whose settings and checkpoint step match."""
+    files whose settings and checkpoint step match. The seed goes into the result's extra."""
     from bifocal.data_pipeline.loader import PreparedData, iter_documents
 
     from .loading import load_model
@@ -226,7 +260,8 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path) -> list
     prepared = PreparedData(cfg_raw["data"]["prepared_dir"])
     paths = []
     for variant, factor in evaluations(study, scheme, lengths, train_len):
-        path = out / "results" / (f"{scheme}-{variant}.json" if variant else f"{scheme}.json")
+        run_name = name or scheme
+        path = out / "results" / (f"{run_name}-{variant}.json" if variant else f"{run_name}.json")
         settings = {"eval": asdict(ev), "step": summary["step"], "lengths": lengths, "factor": factor}
         if path.is_file():
             try:
@@ -249,14 +284,15 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path) -> list
         if not rows:
             raise UserError(f"{scheme}: no validation document in {prepared.path} has {max(lengths) + 1} tokens; "
                             "lower eval.length_multiples")
-        name = f"{scheme} + {variant} x{factor:g}" if variant else scheme
-        print(f"[study] {name}: evaluated in {time.perf_counter() - t0:.0f} s\n{format_table(rows, train_len)}",
+        shown = f"{run_name} + {variant} x{factor:g}" if variant else run_name
+        print(f"[study] {shown}: evaluated in {time.perf_counter() - t0:.0f} s\n{format_table(rows, train_len)}",
               flush=True)
         for n, why in skipped.items():
-            print(f"[study] warning: {name}: length {n}: {why}", flush=True)
+            print(f"[study] warning: {shown}: length {n}: {why}", flush=True)
+        extra = {"run_dir": str(run_dir), "settings": settings, "skipped": skipped,
+                 "train_seed": int(cfg_raw["train"].get("seed", 1234)) if seed is None else seed}
         result = EvalResult(kind="ppl", model=scheme, scheme=scheme, rows=rows, variant=variant or "none",
-                            factor=factor, train_len=train_len,
-                            extra={"run_dir": str(run_dir), "settings": settings, "skipped": skipped})
+                            factor=factor, train_len=train_len, extra=extra)
         paths.append(result.save(path))
     return paths
 
@@ -273,15 +309,16 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[study] {study.path.name}: schemes {', '.join(study.schemes)} -> {out}", flush=True)
+    seeds = f", seeds {', '.join(map(str, study.seeds))}" if len(study.seeds) > 1 else ""
+    print(f"[study] {study.path.name}: schemes {', '.join(study.schemes)}{seeds} -> {out}", flush=True)
     result_paths: list[Path] = []
-    for scheme in study.schemes:
-        run_dir = train_scheme(study, scheme, out)
-        result_paths += evaluate_scheme(study, scheme, run_dir, out)
+    for scheme, seed, name in study.runs():
+        run_dir = train_scheme(study, scheme, out, seed, name)
+        result_paths += evaluate_scheme(study, scheme, run_dir, out, seed, name)
     paths = write_report([load(p) for p in result_paths], out)
     elapsed = time.perf_counter() - t0
     (out / "study.json").write_text(json.dumps({"preset": str(study.path), "schemes": study.schemes,
-                                                "wall_s": round(elapsed, 1)}, indent=1) + "\n")
+                                                "seeds": study.seeds, "wall_s": round(elapsed, 1)}, indent=1) + "\n")
     print(f"[study] done in {elapsed / 60:.1f} min", flush=True)
     print(f"[study] report  {paths['markdown'].resolve()}")
     if "extrapolation" in paths:
@@ -290,6 +327,8 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
 
 
 def main(args: argparse.Namespace) -> int:
-    study = load_study(args.preset, args.overrides, args.schemes)
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    study = load_study(args.preset, args.overrides, args.schemes, args.seeds)
     run_study(study, args.out)
     return 0

@@ -1,11 +1,12 @@
 """`bifocal study tasks`: train every position scheme on one algorithmic task with the same data,
 budget and seed, evaluate each in and out of distribution, and write one report.
 
-Layout of OUT (default runs/study-tasks-TASK):
+Layout of OUT (default runs/study-tasks-TASK), <run> = the scheme, or <scheme>-s<seed> with
+`--seeds N` (training seeds train.seed, +1, ...; the report gives mean ± std):
   data/                  the prepared task data, shared by all runs
-  runs/<scheme>/         one `bifocal train` run per scheme (finished runs are skipped)
-  results/<scheme>.json  `bifocal eval tasks` results
-  spectrum/<scheme>/     learned frequencies against 2*pi/p (modular, schemes with spectral heads)
+  runs/<run>/            one `bifocal train` run per scheme and seed (finished runs are skipped)
+  results/<run>.json     `bifocal eval tasks` results
+  spectrum/<run>/        learned frequencies against 2*pi/p (modular, schemes with spectral heads)
   report.md, report.json, tasks.png
 """
 
@@ -39,34 +40,38 @@ def _finished_step(run_dir: Path) -> int | None:
         return None
 
 
-def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides: list[str]) -> Path:
-    """Train (or finish) OUT/runs/<scheme>; a run that already reached `steps` is left as is."""
+def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides: list[str],
+                 seed: int | None = None, name: str | None = None) -> Path:
+    """Train (or finish) OUT/runs/<name>; a run that already reached `steps` is left as is."""
     from bifocal.launcher.checkpoint import complete_checkpoints
     from bifocal.launcher.config import load_config
 
+    name = name or scheme
     cfg_path = task_config(task)
-    sets = [f"model.position.scheme={scheme}", f"train.run_name={scheme}",
+    sets = [f"model.position.scheme={scheme}", f"train.run_name={name}",
             f"data.prepared_dir={(out / 'data').resolve()}", *overrides]
     if steps is not None:
         sets.append(f"train.max_steps={steps}")
+    if seed is not None:
+        sets.append(f"train.seed={seed}")
     target = load_config(cfg_path, sets).train.max_steps
-    run_dir = out / "runs" / scheme
+    run_dir = out / "runs" / name
     done = _finished_step(run_dir)
     if done is not None and done >= target:
-        print(f"[{scheme}] finished at step {done}: skipped")
+        print(f"[{name}] finished at step {done}: skipped")
         return run_dir
     cmd = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(cfg_path),
            "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
     if complete_checkpoints(run_dir):
         cmd.append("--resume")
-    print(f"[{scheme}] training {target} steps -> {run_dir}", flush=True)
-    log = run_dir.parent / f"{scheme}.log"
+    print(f"[{name}] training {target} steps -> {run_dir}", flush=True)
+    log = run_dir.parent / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
-        raise UserError(f"training {scheme} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
+        raise UserError(f"training {name} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
     return run_dir
 
 
@@ -101,8 +106,18 @@ def frequency_section(out: Path, spectra: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def seed_runs(task: str, schemes: list[str], seeds: int, overrides: list[str]) -> list[tuple[str, int | None, str]]:
+    """(scheme, training seed or None, run name): one run per scheme, or per scheme and seed."""
+    if seeds <= 1:
+        return [(s, None, s) for s in schemes]
+    from bifocal.launcher.config import load_config
+
+    first = load_config(task_config(task), overrides).train.seed
+    return [(s, first + i, f"{s}-s{first + i}") for s in schemes for i in range(seeds)]
+
+
 def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: int, seed: int,
-              overrides: list[str]) -> dict[str, Path]:
+              overrides: list[str], seeds: int = 1) -> dict[str, Path]:
     from . import spectrum, tasks_eval
     from .report import write_report
     from .results import load
@@ -110,20 +125,20 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
     results: list[EvalResult] = []
     spectra: dict[str, dict] = {}
     p = modulus_of(task, overrides)
-    for scheme in schemes:
-        run_dir = train_scheme(task, scheme, out, steps, overrides)
-        res_path = out / "results" / f"{scheme}.json"
+    for scheme, train_seed, name in seed_runs(task, schemes, seeds, overrides):
+        run_dir = train_scheme(task, scheme, out, steps, overrides, train_seed, name)
+        res_path = out / "results" / f"{name}.json"
         # A result older than the run's summary was made from an earlier, shorter run.
         stale = res_path.is_file() and res_path.stat().st_mtime < (run_dir / "summary.json").stat().st_mtime
         if res_path.is_file() and not stale:
             results.append(load(res_path))
         else:
-            print(f"[{scheme}] evaluating", flush=True)
-            result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path)
+            print(f"[{name}] evaluating", flush=True)
+            result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed)
             results.append(result)
         print(tasks_eval.format_table(results[-1].rows), flush=True)
         if p is not None and scheme in ("bifocal", "spectral"):
-            spectra[scheme], _ = spectrum.run(run_dir, out=out / "spectrum" / scheme, modulus=p)
+            spectra[name], _ = spectrum.run(run_dir, out=out / "spectrum" / name, modulus=p)
     paths = write_report(results, out)
     section = frequency_section(out, spectra)
     if section:
@@ -140,8 +155,10 @@ def main(args: argparse.Namespace) -> int:
                         f"choose from rope, bifocal, spectral, pope, nope")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out or f"runs/study-tasks-{args.task}")
-    paths = run_study(args.task, schemes, out, args.steps, args.n, args.seed, list(args.overrides))
+    paths = run_study(args.task, schemes, out, args.steps, args.n, args.seed, list(args.overrides), args.seeds)
     print(paths["markdown"].read_text())
     for path in paths.values():
         print(f"wrote {path}")

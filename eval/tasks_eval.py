@@ -89,11 +89,29 @@ def evaluate_setting(model: GPT, tok: TextTokenizer, task: str, examples: list[E
     return {"n": len(examples), "loss": nll / max(count, 1), "exact_match": correct / max(len(examples), 1)}
 
 
-def evaluate_task(model: GPT, tok: TextTokenizer, task: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """One row per setting of `eval_settings(task)`: in-distribution first."""
+def training_params(model_path: str | Path, task: str) -> dict[str, Any]:
+    """The task parameters (lengths, depth, modulus, ...) the run at `model_path` was trained on:
+    those of its config's synthetic source for `task`, or {} (the generator's defaults)."""
+    import yaml
+
+    path = Path(model_path) / "config.yaml"
+    try:
+        sources = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("sources") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    for src in sources:
+        syn = src.get("synthetic") if isinstance(src, dict) else None
+        if isinstance(syn, dict) and syn.get("task") == task:
+            return {k: v for k, v in syn.items() if k not in ("task", "n_documents", "seed", "per_doc")}
+    return {}
+
+
+def evaluate_task(model: GPT, tok: TextTokenizer, task: str, n: int, seed: int,
+                  params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per setting of `eval_settings(task, params)`: in-distribution first."""
     rows = []
-    for split, setting, params in eval_settings(task):
-        examples = generate_examples(task, n, seed, **params)
+    for split, setting, setting_params in eval_settings(task, params):
+        examples = generate_examples(task, n, seed, **setting_params)
         row = evaluate_setting(model, tok, task, examples, desc=f"{task} {split}: {setting}")
         rows.append({"split": split, "setting": setting, **row})
     return rows
@@ -108,8 +126,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: str | None = None,
-        out: str | Path | None = None) -> tuple[EvalResult, Path]:
-    """Evaluate the model at `model_path` on `task`; write and return the result."""
+        out: str | Path | None = None, train_seed: int | None = None) -> tuple[EvalResult, Path]:
+    """Evaluate the model at `model_path` on `task` (`seed`: the examples' seed; `train_seed`, if
+    given, is recorded so a report averages over training seeds); write and return the result."""
     from .loading import load_model
 
     if n < 1:
@@ -117,9 +136,11 @@ def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: 
 
         raise UserError(f"--n must be >= 1, got {n}")
     model, tok = load_model(model_path, device=device)
-    rows = evaluate_task(model, tok, task, n, seed)
+    rows = evaluate_task(model, tok, task, n, seed, training_params(model_path, task))
     result = EvalResult(kind="tasks", model=model_name(model_path), scheme=model_scheme(model), rows=rows,
                         train_len=train_len(model), extra={"task": task, "seed": seed})
+    if train_seed is not None:
+        result.extra["train_seed"] = train_seed
     path = Path(out) if out else default_out(model_path, f"tasks-{task}.json")
     result.save(path)
     return result, path

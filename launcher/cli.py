@@ -141,6 +141,8 @@ def _study(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", default="runs/study", help="study directory")
     ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("--schemes", default=None, help="comma-separated subset of schemes")
+    ex.add_argument("--seeds", type=int, default=None,
+                    help="train every scheme with N seeds (train.seed, +1, ...); report mean ± std")
     ex.set_defaults(handler="bifocal.eval.study:main")
 
     tks = ssub.add_parser("tasks", help="train the schemes on an algorithmic task, evaluate in/out of distribution")
@@ -150,6 +152,8 @@ def _study(sub: argparse._SubParsersAction) -> None:
     tks.add_argument("--out", default=None, help="study directory (default: runs/study-tasks-TASK)")
     tks.add_argument("--n", type=int, default=200, help="evaluation examples per setting")
     tks.add_argument("--seed", type=int, default=1, help="evaluation example seed")
+    tks.add_argument("--seeds", type=int, default=1,
+                     help="train every scheme with N seeds (train.seed, +1, ...); report mean ± std")
     tks.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override the task config for every run (repeatable)")
     tks.set_defaults(handler="bifocal.eval.study_tasks:main")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
 SCHEMES = ("rope", "spectral", "bifocal", "pope", "nope")
+SPECTRAL_PARAMETERS = ("omega", "amplitude", "phase")
+SPECTRAL_INITS = ("rope", "fit")
 ROPE_SCALING_TYPES = ("pi", "ntk", "dynamic_ntk", "yarn")
 
 
@@ -101,8 +103,9 @@ class RopeScaling:
 
     pi: positions divided by `factor`. ntk: base * factor^(d/(d-2)). dynamic_ntk: the NTK base
     recomputed from the current length, only beyond `original_max_len`. yarn: NTK-by-parts
-    interpolation with ramp bounds `beta_fast`/`beta_slow` and attention temperature
-    (0.1 ln s + 1)^2 on the logits.
+    interpolation, ramped linearly over the pair index between the correction dims of
+    `beta_fast`/`beta_slow` rotations, and attention temperature (0.1 ln s + 1)^2 on the logits.
+    All four equal transformers' definitions (`linear`, `dynamic`, `yarn`).
     """
 
     type: str = "yarn"
@@ -128,6 +131,14 @@ class PositionConfig:
     # How Omega is learned: "offset" (Omega = theta + d, Adam moves every pair by similar absolute
     # amounts, so low frequencies change by large factors) or "log" (Omega = theta * e^s: relative).
     omega_param: str = "offset"
+    # Ablations of the spectral heads. `learn`: which of Omega, A, Phi train (the rest stay at
+    # their init; [] with phase_init_std 0 is RoPE exactly). `spectral_init`: Omega's start, "rope"
+    # (theta_i = spectral_rope_base^(-2i/d), the base defaulting to rope_base) or "fit" (log-spaced
+    # from 1 rad/token down to 2 pi / max_seq_len, so every wavelength fits in the training length
+    # and no pair meets an angle beyond it that it never saw in training).
+    learn: list[str] = field(default_factory=lambda: list(SPECTRAL_PARAMETERS))
+    spectral_init: str = "rope"
+    spectral_rope_base: float | None = None
     rope_scaling: RopeScaling | None = None
 
     __nested__ = {"rope_scaling": RopeScaling}
@@ -138,6 +149,15 @@ class PositionConfig:
         _check(self.phase_init_std >= 0, "phase_init_std", self.phase_init_std, "must be >= 0")
         _check(self.spectral_lr_mult > 0, "spectral_lr_mult", self.spectral_lr_mult, "must be > 0")
         _check(self.omega_param in ("offset", "log"), "omega_param", self.omega_param, "one of offset, log")
+        _check(isinstance(self.learn, (list, tuple)) and all(x in SPECTRAL_PARAMETERS for x in self.learn)
+               and len(set(self.learn)) == len(self.learn), "learn", self.learn,
+               f"a list of distinct names from {', '.join(SPECTRAL_PARAMETERS)} (may be empty)")
+        self.learn = list(self.learn)
+        _check(self.spectral_init in SPECTRAL_INITS, "spectral_init", self.spectral_init, f"one of {', '.join(SPECTRAL_INITS)}")
+        if self.spectral_rope_base is not None:
+            _check(self.spectral_rope_base > 1.0, "spectral_rope_base", self.spectral_rope_base, "must be > 1")
+            _check(self.spectral_init == "rope", "spectral_rope_base", self.spectral_rope_base,
+                   f"only applies to spectral_init: rope (got spectral_init: {self.spectral_init})")
         if isinstance(self.rope_scaling, Mapping):
             self.rope_scaling = from_dict(RopeScaling, self.rope_scaling, "rope_scaling")
 

@@ -222,27 +222,6 @@ def test_dynamic_ntk_formula_and_only_beyond_original_length():
     assert inv("dynamic_ntk", L)[0] == pytest.approx([base2 ** (-2 * i / D) for i in range(D // 2)], rel=1e-6)
 
 
-def test_yarn_formula():
-    f, mscale = inv("yarn")
-    for i, t in enumerate(THETA):
-        r = L0 * t / (2 * math.pi)
-        gamma = min(max((r - 1.0) / (32.0 - 1.0), 0.0), 1.0)
-        assert f[i] == pytest.approx((1 - gamma) * t / S + gamma * t, rel=1e-6)
-    # Worked case: pair 0 (r ~ 10.2) is partly interpolated, pair 3 (r ~ 0.01) fully.
-    assert THETA[3] / S == pytest.approx(f[3], rel=1e-6) and THETA[0] / S < f[0] < THETA[0]
-    assert mscale == pytest.approx(0.1 * math.log(S) + 1)
-
-
-def test_scaling_matches_transformers_for_pi_and_dynamic():
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    for kind, hf_kind, seq in (("pi", "linear", L0), ("dynamic_ntk", "dynamic", 4 * L0)):
-        cfg = transformers.LlamaConfig(hidden_size=D * 2, num_attention_heads=2, max_position_embeddings=L0,
-                                       rope_parameters={"rope_type": hf_kind, "factor": S, "rope_theta": BASE})
-        hf, _ = ROPE_INIT_FUNCTIONS[hf_kind](cfg, None, seq_len=seq)
-        assert inv(kind, seq)[0] == pytest.approx(hf.tolist(), rel=1e-5)
-
-
 @pytest.mark.parametrize("kind", ["pi", "ntk", "dynamic_ntk", "yarn"])
 def test_scaling_switches_on_a_trained_model_and_touches_only_fixed_heads(kind):
     m = model("bifocal", n_layer=1)

@@ -71,3 +71,17 @@ def test_study_file_validation(tmp_path):
     assert evaluations(s, "rope", [128, 2048], 128) == [(None, 1.0), ("pi", 16.0), ("ntk", 16.0),
                                                         ("dynamic_ntk", 1.0), ("yarn", 16.0)]
     assert evaluations(s, "pope", [128, 2048], 128) == [(None, 1.0)]
+
+
+def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
+    proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out", "--schemes", "rope",
+                    "--seeds", "2", "--set", "eval.scaling_variants=[]"], tmp_path, timeout=600)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["rope-s1234", "rope-s1235"]
+    results = [load(out / "results" / f"rope-s{s}.json") for s in (1234, 1235)]
+    assert [r.extra["train_seed"] for r in results] == [1234, 1235]
+    assert results[0].rows[0]["ppl"] != results[1].rows[0]["ppl"]  # different seeds, different models
+    md = (out / "report.md").read_text()
+    assert "| rope | rope | 2 | 32 |" in md and "±" in md
+    assert "own perplexity at its training length" in md
+    assert "seeds 1234, 1235" in proc.stdout

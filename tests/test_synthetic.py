@@ -236,3 +236,12 @@ def test_generate_documents_validates_per_doc():
 def test_malformed_prompts_raise(task, prompt):
     with pytest.raises(ValueError):
         syn.check_answer(task, prompt, " x")
+
+
+def test_eval_settings_follow_the_training_distribution():
+    grid = syn.eval_settings("modular", {"p": 5, "min_len": 2, "max_len": 6})
+    assert [(split, label) for split, label, _ in grid] == [("in", "len 2-6"), ("out", "len 7-12"), ("out", "len 13-24")]
+    for _, _, params in grid:
+        assert all(int(e.answer) < 5 for e in syn.generate_examples("modular", 20, seed=0, **params))
+    dyck = syn.eval_settings("dyck", {"max_len": 8, "max_depth": 2})
+    assert dyck[-1][1] == "depth 3-4" and dyck[-1][2]["max_len"] == 8

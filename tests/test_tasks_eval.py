@@ -97,3 +97,11 @@ def test_study_tasks_smoke(tmp_path):
         assert results.load(study / "results" / f"{scheme}.json").scheme == scheme
     again = run_cli(args, cwd=tmp_path)  # finished runs are not retrained
     assert again.stdout.count("skipped") == 2
+
+
+def test_training_params_are_read_from_the_runs_config(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "data:\n  sources:\n    - name: m\n      synthetic: {task: modular, n_documents: 10, seed: 0, p: 5, max_len: 6}\n")
+    assert tasks_eval.training_params(tmp_path, "modular") == {"p": 5, "max_len": 6}
+    assert tasks_eval.training_params(tmp_path, "dyck") == {}
+    assert tasks_eval.training_params(tmp_path / "missing", "modular") == {}

@@ -36,15 +36,34 @@ def angles_to_table(angles: Tensor) -> tuple[Tensor, Tensor]:
     return full.cos(), full.sin()
 
 
-def yarn_ramp(inv_freq: Tensor, original_max_len: int, beta_fast: float, beta_slow: float) -> Tensor:
-    """YaRN's per-frequency interpolation weight gamma in [0, 1]: 1 keeps theta (high frequency,
-    many rotations within the original context), 0 interpolates fully (theta / s)."""
-    rotations = original_max_len * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
-    return ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
+def yarn_correction_range(head_dim: int, base: float, original_max_len: int, beta_fast: float,
+                          beta_slow: float) -> tuple[float, float]:
+    """The pair indices (low, high) between which YaRN's ramp runs, as in transformers/vLLM and the
+    YaRN reference code: pair i makes r_i = L / lambda_i rotations within the original context,
+    i(r) = d ln(L / (2 pi r)) / (2 ln base) inverts that, and the bounds are i(beta_fast) floored
+    and i(beta_slow) ceiled, clipped to [0, d - 1]."""
+    def pair_of(rotations: float) -> float:
+        return head_dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = math.floor(pair_of(beta_fast)), math.ceil(pair_of(beta_slow))
+    return float(max(low, 0)), float(min(high, head_dim - 1))
+
+
+def yarn_ramp(head_dim: int, base: float, original_max_len: int, beta_fast: float, beta_slow: float,
+              device: torch.device | None = None) -> Tensor:
+    """YaRN's per-pair weight gamma in [0, 1]: 1 keeps theta_i (pairs before `low`: many rotations
+    within the original context), 0 interpolates fully (theta_i / s, pairs after `high`); linear in
+    the pair index between the two."""
+    low, high = yarn_correction_range(head_dim, base, original_max_len, beta_fast, beta_slow)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    index = torch.arange(head_dim // 2, dtype=torch.float32, device=device)
+    return 1.0 - ((index - low) / (high - low)).clamp(0.0, 1.0)
 
 
 def yarn_mscale(factor: float) -> float:
-    """sqrt(1/t) = 0.1 ln(s) + 1, applied to both q and k so the logits scale by its square."""
+    """sqrt(1/t) = 0.1 ln(s) + 1 (transformers' attention_factor), applied to both q and k (the
+    cos/sin tables) so the logits scale by its square."""
     return 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
 
 
@@ -55,7 +74,9 @@ def scaled_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None, seq
     pi:          theta_i / s                        (Chen et al. 2023)
     ntk:         base' = base * s^(d/(d-2))          ("NTK-aware", bloc97)
     dynamic_ntk: as ntk with s' = s*L/L0 - (s-1), only when L > L0 (unchanged within L0)
-    yarn:        (1-gamma_i) theta_i/s + gamma_i theta_i, logits * (0.1 ln s + 1)^2 (Peng et al. 2023)
+    yarn:        (1-gamma_i) theta_i/s + gamma_i theta_i, gamma linear in i between the correction
+                 dims of beta_fast/beta_slow; q and k * (0.1 ln s + 1) (Peng et al. 2023)
+    Each equals transformers' `linear`, `dynamic` and `yarn` (tests/test_rope_scaling.py).
     """
     if scaling is None:
         return rope_inv_freq(head_dim, base, device), 1.0
@@ -71,7 +92,7 @@ def scaled_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None, seq
         return rope_inv_freq(head_dim, base * s_dyn ** (head_dim / (head_dim - 2)), device), 1.0
     if scaling.type == "yarn":
         inv_freq = rope_inv_freq(head_dim, base, device)
-        gamma = yarn_ramp(inv_freq, scaling.original_max_len, scaling.beta_fast, scaling.beta_slow)
+        gamma = yarn_ramp(head_dim, base, scaling.original_max_len, scaling.beta_fast, scaling.beta_slow, device)
         return (1 - gamma) * inv_freq / s + gamma * inv_freq, yarn_mscale(s)
     raise ValueError(f"unknown rope_scaling type {scaling.type!r}")
 

@@ -1,7 +1,7 @@
 """Spectral-RoPE and bifocal attention as one rotation with a per-head frequency table.
 
 Geometric heads (the first `n_head - spectral_heads`) use the fixed RoPE table; spectral heads
-(the rest) rotate by a learnable frequency Omega (init theta), with a learnable amplitude A
+(the rest) rotate by a learnable frequency Omega (init theta, or see `position.spectral_init`), with a learnable amplitude A
 (init 1) and phase Phi (init N(0, phase_init_std)).
 
 Where A and Phi live matters. Rotating q by m*Omega + Phi and k by n*Omega + Phi gives
@@ -14,12 +14,27 @@ while A and Phi live per query head.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..config import GPTConfig
 from .base import PositionContext, PositionEncoding
 from .rope import angles_to_table, apply_rotary, rope_inv_freq
+
+
+def spectral_init_freq(cfg: GPTConfig, device: torch.device | None = None) -> Tensor:
+    """The frequencies the spectral heads start from (d/2 pairs, float32), per
+    `position.spectral_init`: "rope" = theta_i for spectral_rope_base (or rope_base); "fit" =
+    log-spaced from 1 rad/token down to 2 pi / max_seq_len (every wavelength <= training length)."""
+    pos, half = cfg.position, cfg.head_dim // 2
+    if pos.spectral_init == "fit":
+        slowest = 2 * math.pi / cfg.max_seq_len
+        exponent = torch.arange(half, dtype=torch.float32, device=device) / max(half - 1, 1)
+        return slowest ** exponent
+    base = pos.rope_base if pos.spectral_rope_base is None else pos.spectral_rope_base
+    return rope_inv_freq(cfg.head_dim, base, device)
 
 
 class SpectralRotary(PositionEncoding):
@@ -36,7 +51,7 @@ class SpectralRotary(PositionEncoding):
         self.n_spectral = cfg.n_spectral_heads
         self.n_spectral_kv = self.n_spectral // self.group
         half = cfg.head_dim // 2
-        self.rope_base = cfg.position.rope_base
+        self.cfg = cfg
         # Omega = theta + omega_delta (or theta * exp(omega_log_scale)). theta is recomputed in fp32
         # each forward; storing Omega itself would let a bf16 engine round it by ~0.2% (radians of
         # error at long range), while a small offset or log-scale survives bf16 well. The offset's
@@ -46,15 +61,22 @@ class SpectralRotary(PositionEncoding):
         self.register_parameter(name, nn.Parameter(torch.zeros(self.n_spectral_kv, half)))
         self.amplitude = nn.Parameter(torch.ones(self.n_spectral, half))
         self.phase = nn.Parameter(torch.randn(self.n_spectral, half) * cfg.position.phase_init_std)
+        learn = set(cfg.position.learn)
+        for kind, param in (("omega", getattr(self, name)), ("amplitude", self.amplitude), ("phase", self.phase)):
+            param.requires_grad_(kind in learn)  # frozen ones stay at their init (no optimizer group)
+
+    def omega_init(self, device: torch.device | None = None) -> Tensor:
+        """Omega at initialisation, (d/2,) float32 (see spectral_init_freq)."""
+        return spectral_init_freq(self.cfg, device)
 
     @property
     def omega(self) -> Tensor:
         """The learned frequencies Omega, (spectral kv heads, d/2), float32."""
         if self.log_omega:
             s = self.omega_log_scale.float()
-            return rope_inv_freq(self.head_dim, self.rope_base, s.device)[None, :] * torch.exp(s)
+            return self.omega_init(s.device)[None, :] * torch.exp(s)
         d = self.omega_delta.float()
-        return rope_inv_freq(self.head_dim, self.rope_base, d.device)[None, :] + d
+        return self.omega_init(d.device)[None, :] + d
 
     def reset_phase(self, std: float) -> None:
         with torch.no_grad():

@@ -1,0 +1,87 @@
+"""Seeds in reports: mean ± std per length, the extrapolation ratio per seed, and which
+differences lie outside the seed spread, from real result files through `write_report`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+
+from bifocal.eval.report import write_report
+from bifocal.eval.results import EvalResult
+from bifocal.eval.seeds import chance_of_separation, mean_std, relative_to_train_len, separated
+from bifocal.eval.study import load_study
+
+LENGTHS = [64, 128, 256]
+
+
+def ppl(scheme: str, seed: int, values: list[float]) -> EvalResult:
+    rows = [{"length": n, "tokens": 100, "loss": math.log(v), "ppl": v} for n, v in zip(LENGTHS, values)]
+    return EvalResult(kind="ppl", model=scheme, scheme=scheme, rows=rows, train_len=64, extra={"train_seed": seed})
+
+
+RESULTS = [
+    ppl("rope", 1, [20.0, 30.0, 60.0]), ppl("rope", 2, [22.0, 35.0, 80.0]), ppl("rope", 3, [21.0, 32.0, 70.0]),
+    # bifocal: the same in distribution (overlapping seeds), clearly flatter beyond it
+    ppl("bifocal", 1, [21.5, 23.0, 25.0]), ppl("bifocal", 2, [20.5, 22.0, 23.0]), ppl("bifocal", 3, [21.0, 22.5, 24.0]),
+]
+
+
+def test_mean_std_and_relative_curve_per_seed():
+    rope = RESULTS[:3]
+    assert mean_std({1: 20.0, 2: 22.0, 3: 21.0}) == (21.0, 1.0, 3)
+    assert mean_std({None: 5.0}) == (5.0, 0.0, 1)
+    rel = relative_to_train_len(rope, "ppl", 64)
+    assert rel[64] == {1: 1.0, 2: 1.0, 3: 1.0}
+    assert rel[256] == pytest.approx({1: 3.0, 2: 80 / 22, 3: 70 / 21})
+    assert relative_to_train_len(rope, "ppl", 32) == {}  # training length not evaluated
+
+
+def test_separation_needs_disjoint_seed_ranges():
+    assert separated({1: 1.0, 2: 2.0}, {1: 3.0, 2: 4.0}) == "lower"
+    assert separated({1: 5.0, 2: 6.0}, {1: 3.0, 2: 4.0}) == "higher"
+    assert separated({1: 1.0, 2: 3.5}, {1: 3.0, 2: 4.0}) == ""
+    assert separated({1: 1.0}, {1: 3.0, 2: 4.0}) == ""  # one seed says nothing about spread
+    assert chance_of_separation(3, 3) == pytest.approx(0.1)
+
+
+def test_report_with_seeds(tmp_path):
+    paths = write_report(RESULTS, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "| rope | rope | 3 | 64 | 21.00 ± 1.00 | 32.33 ± 2.52 | 70.00 ± 10.00 |" in md
+    spread = md[md.index("beyond the seed spread"):]
+    # 64: overlap; 128 and 256: bifocal lower in absolute ppl and in the ratio to its own 64-token ppl
+    assert "| bifocal | ~ / ~ | lower / lower | lower / lower |" in spread
+    assert "0.10 for 3 seeds each" in spread
+    own = md[md.index("own perplexity at its training length"):]
+    assert "| rope | 1.000 ± 0.000 | 1.538 ± 0.047 | 3.323 ± 0.318 |" in own
+    summary = json.loads(paths["json"].read_text())["ppl_summary"]
+    row = next(r for r in summary if r["label"] == "bifocal" and r["length"] == 256)
+    assert row["seeds"] == 3 and row["ppl_mean"] == pytest.approx(24.0) and row["ppl_std"] == pytest.approx(1.0)
+    assert row["rel_train_len_mean"] == pytest.approx((25 / 21.5 + 23 / 20.5 + 24 / 21) / 3)
+    image = matplotlib.image.imread(paths["extrapolation"])
+    assert image.shape[1] > 1.5 * image.shape[0]  # two panels side by side: absolute and relative
+
+
+def test_single_seed_report_has_no_spread_claims(tmp_path):
+    md = write_report([RESULTS[0], RESULTS[3]], tmp_path)["markdown"].read_text()
+    assert "±" not in md and "seed spread" not in md
+    assert "own perplexity at its training length" in md
+
+
+def test_seeds_in_the_study_file_and_on_the_command_line(tmp_path):
+    assert load_study("smoke").runs() == [("rope", None, "rope"), ("bifocal", None, "bifocal")]
+    study = load_study("smoke", ["train.seed=7"], "rope", seeds=3)
+    assert study.seeds == [7, 8, 9]
+    assert [r[2] for r in study.runs()] == ["rope-s7", "rope-s8", "rope-s9"]
+    assert study.run_config("rope", 8)["train"]["seed"] == 8
+    f = tmp_path / "s.yaml"
+    f.write_text("base: {train: {seed: 1}}\nschemes: [rope]\nseeds: [5, 11]\n")
+    assert [r[1] for r in load_study(str(f)).runs()] == [5, 11]
+    from bifocal.launcher.errors import UserError
+    for bad in ("0", "[1, 1]", "two"):
+        f.write_text(f"schemes: [rope]\nseeds: {bad}\n")
+        with pytest.raises(UserError, match="seeds"):
+            load_study(str(f))
