@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed as dist
+from . import distributed as dist, safe_load
+from .errors import UserError
 
 MARKER = "complete.json"
 
@@ -40,8 +41,20 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     for path in root.glob("step_*"):
         marker = path / MARKER
         if marker.is_file():
-            found.append((json.loads(marker.read_text())["step"], path))
+            found.append((marker_info(path)["step"], path))
     return sorted(found)
+
+
+def marker_info(path: Path) -> dict[str, Any]:
+    """The complete.json of a checkpoint (written atomically, so a damaged one was tampered with)."""
+    marker = path / MARKER
+    try:
+        info = json.loads(marker.read_text())
+        int(info["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{marker}: damaged checkpoint marker (not the JSON bifocal writes); "
+                        f"delete that checkpoint directory to fall back to an older one") from None
+    return info
 
 
 def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int, Path] | None:
@@ -52,10 +65,12 @@ def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors, ints and tuples only, so it loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "python": random.getstate(),
     }
 
@@ -64,7 +79,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
@@ -112,10 +128,11 @@ def to_universal(path: Path) -> Path:
     out = path.parent / "universal" / path.name
     if (out / MARKER).is_file():
         return out
+    safe_load.verify(safe_load.checkpoint_files(path))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+    cmd = [sys.executable, "-m", "bifocal.launcher.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -127,14 +144,18 @@ def to_universal(path: Path) -> Path:
 
 
 def load(engine, run_dir: str | Path, path: Path) -> dict[str, Any]:
-    """Collective: load model, optimizer, scheduler and this rank's RNG state; return client state."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    """Collective: load model, optimizer, scheduler and this rank's RNG state; return client state.
+    Every file is checked by a restricted (weights-only) load first, and DeepSpeed's loads run
+    restricted as well (see safe_load)."""
+    safe_load.verify(safe_load.checkpoint_files(path))
+    with safe_load.restricted_loads():
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        raise UserError(f"DeepSpeed could not load the checkpoint at {path}")
     rng_path = path / f"rng_rank{dist.rank():05d}.pt"
     if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(safe_load.load(rng_path))
     return client_state
 
 
@@ -142,17 +163,18 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of one checkpoint directory (any ZeRO stage), via DeepSpeed's own
     consolidation for ZeRO and the model-states file otherwise."""
     path = Path(path)
+    safe_load.verify(safe_load.checkpoint_files(path))
     if any(path.glob("*optim_states.pt")) and any(path.glob("zero_pp_rank_*")):
         # DeepSpeed narrates on stdout; keep stdout for what our commands print (e.g. generated text).
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), safe_load.restricted_loads():
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         files = sorted(path.glob("mp_rank_*_model_states.pt"))
         if not files:
-            raise FileNotFoundError(f"no DeepSpeed model states in {path}")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            raise UserError(f"no DeepSpeed model states in {path}")
+        state = safe_load.load(files[0])["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -162,7 +184,6 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "
     from bifocal.model import GPT
 
     from .config import load_config
-    from .errors import UserError
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -176,5 +197,9 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "
         raise UserError(f"{run_dir} continued a Hugging Face model: use `bifocal export` and load the export")
     model = GPT(cfg.model)
     state = consolidated_state_dict(found[1])
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"{found[1]}: weights do not fit {run_dir / 'config.yaml'} ({first})") from None
     return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer")
