@@ -20,7 +20,7 @@ import torch
 
 from .errors import DataError
 from .prepare import FORMAT_VERSION, DataWarning
-from .shards import file_sha256, open_shard
+from .shards import file_sha256, open_shard, shard_names
 from .tokenizer import TextTokenizer, load_tokenizer
 
 
@@ -35,8 +35,10 @@ class PreparedData:
             raise DataError(f"{self.path}: not a prepared data directory, no meta.json{hint}; run `bifocal prepare`")
         try:
             self.meta: dict = json.loads(meta_path.read_text())
-        except ValueError as exc:
-            raise DataError(f"{meta_path}: unreadable meta.json ({exc})") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{meta_path}: unreadable meta.json ({type(exc).__name__}); re-run prepare") from None
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{meta_path}: malformed meta.json (not a JSON object); re-run prepare")
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format_version {version!r}, this bifocal reads {FORMAT_VERSION}; "
@@ -89,6 +91,14 @@ class PreparedData:
             raise DataError(f"{self.path}: tokenizer file hash {tok.hash[:16]} differs from meta.json "
                             f"{self.tokenizer_hash[:16]}; re-run prepare")
         return tok
+
+    def check_ids(self, ids: np.ndarray, source: str, split: str) -> None:
+        """Token ids beyond the vocabulary mean a shard was damaged in place (same size, so the
+        open-time checks pass); a max over the read window catches it without hashing every shard."""
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            shard = self.path / shard_names(source, split)[0]
+            raise DataError(f"{shard}: token id {int(ids.max())} is outside the {self.vocab_size}-token vocabulary; "
+                            f"the shard is corrupted (its sha256 no longer matches meta.json); re-run prepare")
 
     def check_tokenizer(self, tokenizer_hash: str) -> None:
         if tokenizer_hash != self.tokenizer_hash:
@@ -167,6 +177,8 @@ class WindowSampler:
         lo = self.rank * self.micro_batch
         rows = [self._tokens[s][t:t + self.seq_len + 1] for s, t in zip(src[lo:lo + self.micro_batch],
                                                                         starts[lo:lo + self.micro_batch])]
+        for s, row in zip(src[lo:lo + self.micro_batch], rows):
+            self.data.check_ids(row, self.sources[s], self.split)
         win = torch.from_numpy(np.stack(rows).astype(np.int64))
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
@@ -192,4 +204,6 @@ def iter_documents(data: PreparedData | str, split: str = "val", min_tokens: int
         toks, offsets = data.tokens(name, split), data.offsets(name, split)
         for a, b in zip(offsets[:-1], offsets[1:]):
             if b - 1 - a >= min_tokens:
-                yield np.asarray(toks[a:b - 1], dtype=np.int64)
+                doc = np.asarray(toks[a:b - 1], dtype=np.int64)
+                data.check_ids(doc, name, split)
+                yield doc

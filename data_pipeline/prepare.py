@@ -113,16 +113,20 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: 
 
 
 def _existing(out: Path, fp: str) -> Path:
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        meta = None
-    if meta is not None and meta.get("fingerprint") == fp and meta.get("format_version") == FORMAT_VERSION:
-        print(f"{out} is already prepared from the same config and inputs; reusing it")
-        return out
-    if meta is None:
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
         raise DataError(f"{out} exists and is not a prepared data directory (no meta.json); "
                         "choose another --out or delete it")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{meta_path}: unreadable meta.json ({type(exc).__name__}); the directory is damaged: "
+                        "delete it and prepare again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: malformed meta.json (not a JSON object); delete the directory and prepare again")
+    if meta.get("fingerprint") == fp and meta.get("format_version") == FORMAT_VERSION:
+        print(f"{out} is already prepared from the same config and inputs; reusing it")
+        return out
     raise DataError(f"{out} exists and was prepared from a different config; choose another --out or delete it")
 
 

@@ -280,6 +280,14 @@ def _model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) ->
     return "\n".join(lines)
 
 
+def geometry_metadata(cfg: GPTConfig) -> dict[str, str]:
+    """The head layout, stored in the safetensors header: with n_kv_head == n_head a consistent
+    change of n_head and head_dim in config.json leaves every weight's shape unchanged, so the
+    weights must say how they were cut into heads."""
+    return {"bifocal_n_head": str(cfg.n_head), "bifocal_n_kv_head": str(cfg.n_kv_head),
+            "bifocal_head_dim": str(cfg.head_dim)}
+
+
 def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype: torch.dtype | str = torch.float32,
             max_shard_size: int | str = "2GB", extra_card: dict | None = None) -> Path:
     """Write a Hugging Face directory: config.json, safetensors weights (sharded with an index
@@ -311,7 +319,8 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         old.unlink()  # a re-export with other sharding must not leave stale shards behind
-    save_torch_state_dict(hf_state_dict(model, dtype), out, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    save_torch_state_dict(hf_state_dict(model, dtype), out, max_shard_size=max_shard_size,
+                          metadata={"format": "pt", **geometry_metadata(model.cfg)})
     GenerationConfig(eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=None).save_pretrained(out)
     (out / "README.md").write_text(_model_card(model, fmt, dtype, extra_card))
     return out
@@ -326,28 +335,65 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not (p / CONFIG).is_file():
         raise FileNotFoundError(f"{p}: no {CONFIG} (not an exported model directory)")
     try:
-        return json.loads((p / CONFIG).read_text())
+        d = json.loads((p / CONFIG).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p / CONFIG}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{p / CONFIG}: not UTF-8 text") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p / CONFIG}: must hold a JSON object")
+    return d
 
 
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     """All tensors of a directory's model.safetensors or sharded index."""
     from safetensors.torch import load_file
 
+    sd: dict[str, Tensor] = {}
+    for f in weight_files(path):
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error type for damaged headers and data
+            raise ValueError(f"{f}: unreadable safetensors file ({str(exc).splitlines()[0][:120]}); "
+                             "truncated or not safetensors") from None
+    return sd
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """model.safetensors, or the shards its index names (each checked to exist)."""
     p = Path(path)
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [p / s for s in shards]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [p / str(s) for s in shards]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: malformed index (needs a weight_map of file names)") from None
     else:
         files = [p / "model.safetensors"]
-    sd: dict[str, Tensor] = {}
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{p}: weights file {f.name} is missing")
-        sd.update(load_file(str(f)))
-    return sd
+    return files
+
+
+def check_geometry(path: str | Path, cfg: GPTConfig) -> None:
+    """config.json's head layout against the one recorded in the weights (exports before this
+    record had none: nothing to compare)."""
+    from safetensors import safe_open
+
+    want = geometry_metadata(cfg)
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                meta = st.metadata() or {}
+        except Exception as exc:
+            raise ValueError(f"{f}: unreadable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+        for key, value in want.items():
+            if key in meta and meta[key] != value:
+                name = key.removeprefix("bifocal_")
+                raise ValueError(f"{Path(path) / CONFIG} gives {name}={value} but the weights in {f.name} were "
+                                 f"trained with {name}={meta[key]}; fix config.json")
 
 
 def gpt_config_of(path: str | Path) -> tuple[GPTConfig, str]:
@@ -368,8 +414,14 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[GPT, GPTConfig]:
     """An exported directory (either format) as the native GPT, in eval mode."""
     cfg, model_type = gpt_config_of(path)
+    check_geometry(path, cfg)
     sd = native_state_dict(read_safetensors(path), model_type)
     model = GPT(cfg)
+    expected = model.state_dict()
+    for name, tensor in sd.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise ValueError(f"{Path(path) / CONFIG} does not match the weights: {name} has shape "
+                             f"{tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:

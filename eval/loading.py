@@ -25,7 +25,11 @@ def load_model(path: str | Path, device: str | None = None, step: int | None = N
     if (p / "config.json").is_file():
         from .hf_io import load_exported
 
-        model, _ = load_exported(p, device=device)
+        try:
+            model, _ = load_exported(p, device=device)
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+            detail = f"config.json lacks {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise UserError(f"{p}: cannot load the exported model: {detail}") from None
         tok_file = next((p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).is_file()), None)
         if tok_file is None:
             raise UserError(f"{p} has no tokenizer.json or tokenizer.model")

@@ -128,7 +128,7 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
 
     `documents`: token arrays (filtered per length to those with >= L + 1 tokens), or a callable
     length -> documents (e.g. a prepared split filtered by length). `stride` (default: the length)
-    is capped at each length. A length with no document long enough, or that runs out of memory,
+    is capped at each length; each row records the stride it used. A length with no document long enough, or that runs out of memory,
     is reported through `on_skip(length, reason)` (default: a PerplexityWarning) and left out.
     """
     if device is not None:
@@ -166,7 +166,7 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
         loss = loss_sum / tokens
         rows.append({"length": int(length), "tokens": int(tokens), "loss": loss,
                      "ppl": math.exp(min(loss, 700.0)), "docs": len({w.doc for w in plan}),
-                     "windows": len(plan)})
+                     "windows": len(plan), "stride": int(win_stride or length)})
     return rows
 
 
@@ -200,8 +200,12 @@ def resolve_documents(model_path: Path, data: str | None, tokenizer) -> tuple[Do
         if not (model_path / "config.yaml").is_file():
             raise UserError(f"{model_path} is not a run directory: pass --data (a prepared dir or text files)")
         from bifocal.launcher.config import load_config
+        from bifocal.model.config import ConfigError
 
-        data = load_config(model_path / "config.yaml").data.prepared_dir
+        try:
+            data = load_config(model_path / "config.yaml").data.prepared_dir
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
     path = Path(data)
     if not path.exists():
         raise UserError(f"--data: {path} not found (prepare it with `bifocal prepare`, or pass --data)")
@@ -272,6 +276,9 @@ def main(args: argparse.Namespace) -> int:
     if args.factor is not None and not args.rope_scaling:
         raise UserError("--factor needs --rope-scaling pi|ntk|dynamic_ntk|yarn")
     model_path = Path(args.model)
+    if args.out and Path(args.out).exists() and not getattr(args, "overwrite", False):
+        raise UserError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out "
+                        "(nothing was written)")
     model, tokenizer = load_model(model_path, device=args.device)
     documents, described = resolve_documents(model_path, args.data, tokenizer)
     scheme = model.cfg.position.scheme
@@ -286,6 +293,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: length {length}: {why}", file=sys.stderr)
 
     train_len = model.cfg.max_seq_len
+    if args.stride is not None and args.stride > min(lengths):
+        print(f"warning: --stride {args.stride} is longer than length {min(lengths)}: windows there do not "
+              f"overlap (stride = length); each row records the stride it used", file=sys.stderr)
     print(f"perplexity of {model_path} ({scheme}, trained at {train_len}) on {described}"
           + (f", rope scaling {args.rope_scaling} x{factor:g}" if args.rope_scaling else ""))
     rows = evaluate_perplexity(model, documents, lengths, stride=args.stride, max_docs=args.max_docs,
@@ -297,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(rows, train_len))
     result = EvalResult(kind="ppl", model=model_path.resolve().name, scheme=scheme, rows=rows,
                         variant=args.rope_scaling or "none", factor=factor, train_len=train_len,
-                        extra={"data": described, "stride": args.stride, "max_docs": args.max_docs,
+                        extra={"data": described, "stride_requested": args.stride, "max_docs": args.max_docs,
                                "max_tokens": args.max_tokens, "skipped": skipped})
     out = Path(args.out) if args.out else default_out(model_path, args.rope_scaling, factor)
     print(f"wrote {result.save(out)}")

@@ -414,6 +414,11 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     if not results:
         raise UserError(f"no result files found in {', '.join(map(str, args.results))}")
+    out = Path(args.out)
+    earlier = [p.name for p in (out / "report.md", out / "report.json") if p.exists()]
+    if earlier and not getattr(args, "overwrite", False):
+        raise UserError(f"{out} already holds a report ({', '.join(earlier)}); pass --overwrite to replace it, "
+                        "or choose another --out (nothing was written)")
     paths = write_report(results, args.out)
     print(render_markdown(results))
     for path in paths.values():

@@ -96,11 +96,13 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--out", default=None, help="JSON result path")
+    ppl.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ppl.set_defaults(handler="bifocal.eval.perplexity:main")
 
     rep = esub.add_parser("report", help="collect results into report.md and extrapolation.png")
     rep.add_argument("results", nargs="+", help="result JSON files or directories holding them")
     rep.add_argument("--out", default="report", help="output directory")
+    rep.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     rep.set_defaults(handler="bifocal.eval.report:main")
 
     pk = esub.add_parser("passkey", help="passkey retrieval accuracy against context length")

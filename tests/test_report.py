@@ -124,8 +124,14 @@ def test_report_via_cli(results_dir, tmp_path, capsys):
     yarn_2048 = next(r for r in flat["ppl"] if r["label"] == "rope+yarn(x4)" and r["length"] == 2048)
     assert yarn_2048["extrapolated"] and yarn_2048["ratio_to_rope"] == pytest.approx(31 / 400)
 
-    # Re-running over a tree that now holds the report finds the same results.
-    assert cli(["eval", "report", str(tmp_path), "--out", str(out)]) == 0
+    # Re-running into the same directory refuses and leaves it alone; with --overwrite it re-collects
+    # the tree that now holds the report and finds the same results.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli(["eval", "report", str(tmp_path), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert cli(["eval", "report", str(tmp_path), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "report.json").read_text() == before["report.json"].decode()
 
 
 def test_results_split_across_files_merge_into_one_row(tmp_path, capsys):
