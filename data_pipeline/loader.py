@@ -53,10 +53,12 @@ class PreparedData:
             self.weights: dict[str, float] = {s["name"]: float(s["weight"]) for s in self.meta["sources"]}
             self._shards = {(s["name"], split): open_shard(self.path, entry, self.dtype, run_id)
                             for s in self.meta["sources"] for split, entry in s["splits"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{meta_path}: malformed meta.json ({type(exc).__name__}: {exc})") from None
-        if not (self.path / tok["file"]).is_file():
-            raise DataError(f"{self.path / tok['file']}: tokenizer file missing (meta.json lists it)")
+            tok_file = self.path / tok["file"]
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise DataError(f"{meta_path}: malformed meta.json ({type(exc).__name__}: {detail[:200]})") from None
+        if not tok_file.is_file():
+            raise DataError(f"{tok_file}: tokenizer file missing (meta.json lists it)")
 
     @property
     def sources(self) -> list[str]:

@@ -298,9 +298,14 @@ def main(args: argparse.Namespace) -> int:
               f"overlap (stride = length); each row records the stride it used", file=sys.stderr)
     print(f"perplexity of {model_path} ({scheme}, trained at {train_len}) on {described}"
           + (f", rope scaling {args.rope_scaling} x{factor:g}" if args.rope_scaling else ""))
-    rows = evaluate_perplexity(model, documents, lengths, stride=args.stride, max_docs=args.max_docs,
-                               max_tokens=args.max_tokens, batch_size=args.batch_size,
-                               on_skip=on_skip)
+    from bifocal.data_pipeline.errors import DataError
+
+    try:  # documents are read lazily, so damaged shards surface here
+        rows = evaluate_perplexity(model, documents, lengths, stride=args.stride, max_docs=args.max_docs,
+                                   max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                   on_skip=on_skip)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
     if not rows:
         raise UserError(f"no length in {','.join(map(str, lengths))} could be evaluated "
                         f"(no documents with that many tokens in {described})")

@@ -182,6 +182,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "
     """(GPT, tokenizer) from a run directory's newest (or `step`) complete checkpoint."""
     from bifocal.data_pipeline.tokenizer import load_tokenizer
     from bifocal.model import GPT
+    from bifocal.model.config import ConfigError
 
     from .config import load_config
 
@@ -192,7 +193,10 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "
     if found is None:
         which = f"at step {step}" if step is not None else "at all"
         raise UserError(f"no complete checkpoint {which} in {checkpoint_dir(run_dir)}")
-    cfg = load_config(run_dir / "config.yaml")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as exc:
+        raise UserError(f"{run_dir / 'config.yaml'}: {exc}") from None
     if (run_dir / "init_from_hf.json").is_file():
         raise UserError(f"{run_dir} continued a Hugging Face model: use `bifocal export` and load the export")
     model = GPT(cfg.model)

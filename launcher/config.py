@@ -126,6 +126,8 @@ def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
         parts = str(key).strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: `{part}` was given a value and keys at once")
         node[parts[-1]] = value
     return tree
 
@@ -137,7 +139,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. train.max_steps=100")
         key, raw = item.split("=", 1)
-        dotted[key] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            dotted[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return nest(dotted)
 
 
@@ -161,27 +166,37 @@ def _resolve_inputs(data: dict, base_dir: Path) -> None:
         tok["path"] = str((base_dir / tok["path"]).resolve())
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML reports bad encodings itself
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}")
-    return expand(raw, path.parent)
+    return expand(raw, path.parent, (*_including, path.resolve()))
 
 
-def expand(raw: Mapping[str, Any], base_dir: Path) -> dict:
+def expand(raw: Mapping[str, Any], base_dir: Path, _including: tuple[Path, ...] = ()) -> dict:
     """Apply `include:` (a file or a list, relative to `base_dir`; later files win and `raw` wins
-    over all) and make the data section's input paths absolute."""
+    over all) and make the data section's input paths absolute. `_including`: the files being
+    read, outermost first, so a cycle is named instead of recursing forever."""
     raw = dict(raw)
     include = raw.pop("include", None) or []
+    includes = [include] if isinstance(include, str) else include
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"include={include!r} is invalid: a file name or a list of file names")
     base: dict = {}
-    for inc in [include] if isinstance(include, str) else include:
-        base = deep_merge(base, read_yaml(base_dir / inc))
+    for inc in includes:
+        target = (base_dir / inc).resolve()
+        if target in _including:
+            chain = " -> ".join(p.name for p in (*_including, target))
+            raise ConfigError(f"include cycle: {chain}")
+        base = deep_merge(base, read_yaml(base_dir / inc, _including))
     raw = deep_merge(base, raw)
     if isinstance(raw.get("data"), dict):
         _resolve_inputs(raw["data"], base_dir)
@@ -199,6 +214,8 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
     for key in raw:
         if key not in SECTIONS:
             raise ConfigError(f"unknown config section `{key}`: {nearest(str(key), SECTIONS)}")
+        if raw[key] is not None and not isinstance(raw[key], Mapping):
+            raise ConfigError(f"`{key}` must be a mapping of keys, got {type(raw[key]).__name__}")
     model = dict(raw.get("model") or {})
     vocab_from_data = "vocab_size" not in model
     try:

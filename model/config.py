@@ -67,12 +67,23 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         if where and not str(exc).startswith(where):
             raise ConfigError(f"{where}.{exc}") from None
         raise
+    except (TypeError, ValueError, OverflowError) as exc:  # a check met a value of a type it did not expect
+        raise ConfigError(f"`{where or cls.__name__}` is invalid: {str(exc).splitlines()[0]}") from None
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Check a scalar against its annotation; YAML reads `1e-3` as a string, so numbers given
     as strings are converted when they parse."""
     if hint is None or value is None:
+        return value
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} is invalid: must be a list, e.g. [{value!r}]")
+        (item,) = typing.get_args(hint) or (None,)
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is dict or typing.get_origin(hint) is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}={value!r} is invalid: must be a mapping")
         return value
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     scalars = [t for t in options if t in (bool, int, float, str)]

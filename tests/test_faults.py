@@ -4,6 +4,7 @@ nothing, one writer per run directory, and damaged inputs give one line and exit
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -118,3 +119,148 @@ def test_safe_load_refuses_payload_in_process(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"w": torch.arange(3.0), "n": 1, "t": ("MT19937", torch.zeros(2, dtype=torch.int64))}, good)
     assert torch.equal(safe_load.load(good)["w"], torch.arange(3.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged inputs: one line and exit 2 (in-process CLI: an uncaught exception would fail the test)
+
+
+def cli_error(args: list[str], capsys) -> str:
+    from bifocal.launcher.cli import main as cli
+
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("bifocal: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    """Fresh rope (plain Llama format) and bifocal exports of tiny random models."""
+    from tiny_models import export, random_model, text_tokenizer
+
+    root = tmp_path_factory.mktemp("exports")
+    tok = text_tokenizer(["It is a truth universally acknowledged that a single man " * 40], root / "tok")
+    return {scheme: export(random_model(tok.vocab_size, scheme), tok, root / scheme) for scheme in ("rope", "bifocal")}
+
+
+def damaged_export(exports: dict[str, Path], scheme: str, tmp_path: Path) -> Path:
+    out = tmp_path / scheme
+    shutil.copytree(exports[scheme], out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_damaged_safetensors_is_one_line(exports, tmp_path, capsys, damage):
+    out = damaged_export(exports, "rope", tmp_path)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    line = cli_error(["generate", str(out), "--prompt", "It is", "--device", "cpu"], capsys)
+    assert "model.safetensors" in line and "unreadable" in line
+
+
+def test_config_head_count_not_matching_weights_is_one_line(exports, tmp_path, capsys):
+    """Checked against the weights' shapes (an export from before the head layout was recorded)."""
+    from safetensors.torch import load_file, save_file
+
+    out = damaged_export(exports, "bifocal", tmp_path)
+    save_file(load_file(out / "model.safetensors"), out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["bifocal"].update(n_head=2, n_kv_head=2)  # head_dim 16: the spectral tables no longer fit
+    (out / "config.json").write_text(json.dumps(cfg))
+    line = cli_error(["eval", "ppl", str(out), "--data", str(out / "config.json")], capsys)
+    assert "config.json does not match the weights" in line and "position" in line
+
+
+def test_consistent_head_change_is_caught_by_the_weights(exports, tmp_path, capsys):
+    """4 heads of 8 -> 2 heads of 16: every weight keeps its shape, the recorded layout does not."""
+    out = damaged_export(exports, "rope", tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama"
+    cfg.update(num_attention_heads=2, num_key_value_heads=2, head_dim=cfg["head_dim"] * 2)
+    (out / "config.json").write_text(json.dumps(cfg))
+    line = cli_error(["generate", str(out), "--prompt", "It is", "--device", "cpu"], capsys)
+    assert "n_head=2" in line and "n_head=4" in line
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("include: loop.yaml\n", "include cycle: loop.yaml -> loop.yaml"),
+    ("include: 5\n", "include=5 is invalid"),
+    ("optim: {betas: 0.9}\n", "optim.betas=0.9 is invalid"),
+    ("model: [1, 2]\n", "`model` must be a mapping"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, setting, needle):
+    (tmp_path / "loop.yaml").write_text(setting)
+    line = cli_error(["train", "--config", str(tmp_path / "loop.yaml")], capsys)
+    assert needle in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_betas_scalar_is_one_line(tmp_path, capsys):
+    assert "must be a list" in cli_error(["train", "--set", "optim.betas=0.9"], capsys)
+
+
+def corrupt_in_place(shard: Path) -> None:
+    """Same size, valid header: the body overwritten with ids far beyond any vocabulary."""
+    data = bytearray(shard.read_bytes())
+    data[16:] = b"\xff" * (len(data) - 16)
+    shard.write_bytes(bytes(data))
+
+
+def test_shard_corrupted_in_place_is_one_line(zero1_run, tiny_config, tmp_path, capsys):
+    import yaml
+
+    prepared = Path(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"])
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    corrupt_in_place(copy / "austen.val.bin")
+    line = cli_error(["eval", "ppl", str(zero1_run), "--data", str(copy), "--lengths", "16", "--device", "cpu",
+                      "--out", str(tmp_path / "ppl.json")], capsys)
+    assert "austen.val.bin" in line and "corrupted" in line
+    assert not (tmp_path / "ppl.json").exists()
+    # Training draws windows from the damaged train shard: the same line, before any step runs.
+    from bifocal.data_pipeline.errors import DataError
+    from bifocal.data_pipeline.loader import WindowSampler
+
+    corrupt_in_place(copy / "code.train.bin")
+    sampler = WindowSampler(copy, "train", seq_len=16, micro_batch=8, seed=0)
+    with pytest.raises(DataError, match="code.train.bin.*outside the 512-token vocabulary"):
+        for _ in range(4):
+            sampler.next_batch()
+
+
+def test_damaged_meta_json_is_not_reported_as_missing(tiny_config, tmp_path, capsys):
+    import yaml
+
+    prepared = Path(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"])
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    (copy / "meta.json").write_text('{"format_version": 1, "tok')
+    line = cli_error(["prepare", str(tiny_config), "--out", str(copy)], capsys)
+    assert "unreadable meta.json" in line and "no meta.json" not in line
+
+
+def test_eval_ppl_out_needs_overwrite_and_records_the_stride_used(zero1_run, tmp_path, capsys):
+    from bifocal.launcher.cli import main as cli
+
+    out = tmp_path / "ppl.json"
+    args = ["eval", "ppl", str(zero1_run), "--lengths", "16", "--stride", "64", "--max-docs", "1", "--device", "cpu",
+            "--out", str(out)]
+    assert cli(args) == 0
+    assert "--stride 64 is longer than length 16" in capsys.readouterr().err
+    first = out.read_bytes()
+    row = json.loads(first)["rows"][0]
+    assert row["stride"] == 16 and json.loads(first)["extra"]["stride_requested"] == 64
+    assert "--overwrite" in cli_error(args, capsys)
+    assert out.read_bytes() == first
+    assert cli(args + ["--overwrite"]) == 0
+
+
+def test_eval_ppl_on_a_run_with_a_broken_config_is_one_line(zero1_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(zero1_run, copy)
+    (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace("n_head: 4", "n_head: 3"))
+    line = cli_error(["eval", "ppl", str(copy), "--lengths", "16", "--device", "cpu"], capsys)
+    assert "config.yaml" in line and "n_head" in line
