@@ -33,9 +33,10 @@ FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 def allowed_globals() -> list[type]:
     """The non-tensor classes DeepSpeed pickles into its checkpoints (nothing else is accepted)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed narrates on import; stdout is for results
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
