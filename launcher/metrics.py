@@ -61,6 +61,27 @@ def frequency_figure(snapshot: dict[str, np.ndarray], head_dim: int, base: float
     return fig
 
 
+def drop_rows_after(run_dir: Path, step: int) -> None:
+    """A resumed run trains the steps after its checkpoint again: drop their rows from the
+    interrupted attempt, so metrics.jsonl keeps one row per step (rewritten atomically)."""
+    import os
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass  # not ours to judge: keep it
+        kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 

@@ -22,10 +22,11 @@ import torch
 from bifocal.data_pipeline.errors import DataError
 from bifocal.model.config import ConfigError
 
-from . import checkpoint, distributed as dist
+from . import checkpoint, distributed as dist, preflight
 from .errors import UserError
 from .config import RunConfig, deepspeed_config, load_config, save_config
-from .metrics import MetricsLogger, plot_loss, spectral_snapshot
+from .metrics import MetricsLogger, drop_rows_after, plot_loss, spectral_snapshot
+from .run_lock import RunLock
 
 
 class TrainingError(UserError):
@@ -44,6 +45,33 @@ def lr_lambda(cfg: RunConfig):
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def apply_hyperparameters(optimizer, scheduler, fresh: list[dict]) -> None:
+    """After a resume: the checkpoint restored the old run's lr, betas, eps and weight decay into
+    every param group; put back those of this run's config (`fresh`, captured when the optimizer
+    was built) and recompute the current lr from the (possibly changed) schedule."""
+    for group, want, factor in zip(optimizer.param_groups, fresh, scheduler.lr_lambdas):
+        group.update({k: want[k] for k in HYPERPARAMETERS})
+        group["lr"] = want["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [want["initial_lr"] for want in fresh]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Collective: rank 0 takes the run directory's lock and every rank learns whether it did."""
+    lock, refused = RunLock(run_dir), None
+    if dist.rank() == 0:
+        try:
+            lock.acquire()
+        except UserError as exc:
+            refused = exc
+    if dist.all_reduce_sum([1.0 if refused else 0.0])[0]:
+        raise refused or UserError(f"run directory {run_dir} is in use (rank 0 could not lock it)")
+    return lock
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
@@ -182,30 +210,37 @@ def evaluate(engine, data, cfg: RunConfig, device: str) -> float:
 
 
 def run(args: argparse.Namespace) -> Path:
-    import deepspeed
-
-    from bifocal.data_pipeline.loader import WindowSampler
-
     cfg, run_dir = resolve_run(args)
     dist.setup_environment(cfg.train.threads)
     device = dist.resolve_device(cfg.train.device)
     dist.init_distributed(device)
+    lock = lock_run_dir(run_dir)
+    try:
+        return train_locked(args, cfg, run_dir, device)
+    finally:
+        lock.release()
+
+
+def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) -> Path:
+    """The run itself, while this process holds the run directory. Every check comes before the
+    first write into it (config.yaml, tokenizer/, metrics), so a refused start changes nothing."""
+    import deepspeed
+
+    from bifocal.data_pipeline.loader import WindowSampler
+
     rank, world = dist.rank(), dist.world_size()
     is_main = rank == 0
     check_run_dir(run_dir, args.resume)
 
     data = prepare_data(cfg)
     hf = hf_source(args, run_dir, cfg)
+    changes = preflight.check_resume(run_dir, cfg, data, from_hf=bool(hf)) if args.resume else []
+    validate = preflight.check_validation(cfg, data, rank, world)
     model = build_model(cfg, data, hf)
     if hf:
         cfg.model = model.cfg  # the Hugging Face model's own shape, for logging and evaluation
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        data.tokenizer().save(run_dir / "tokenizer")
-        if hf:
-            (run_dir / "init_from_hf.json").write_text(json.dumps(hf, indent=1))
     optimizer, scheduler = build_optimizer(model, cfg)
+    fresh = [{k: g[k] for k in HYPERPARAMETERS} for g in optimizer.param_groups]
     ds_config = deepspeed_config(cfg, world)
     resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
     if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world:
@@ -226,8 +261,19 @@ def run(args: argparse.Namespace) -> Path:
                                     f"{run_dir} (hash {data.tokenizer_hash[:12]} != {state['tokenizer_hash'][:12]})")
             sampler.load_state_dict(state["sampler"])
             step = int(state["step"])
+            if changes:
+                apply_hyperparameters(optimizer, scheduler, fresh)
             if is_main:
                 print(f"bifocal: resumed from {latest[1]} at step {step}", flush=True)
+                for key, before, after in changes:
+                    print(f"bifocal: resume applies {key}: {before!r} -> {after!r}", flush=True)
+                drop_rows_after(run_dir, step)  # the steps after the checkpoint are trained again
+    if is_main:  # config.yaml says what runs, including the changes a resume applied
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        data.tokenizer().save(run_dir / "tokenizer")
+        if hf:
+            (run_dir / "init_from_hf.json").write_text(json.dumps(hf, indent=1))
 
     logger = MetricsLogger(run_dir, enabled=is_main)
     stop = StopFlag()
@@ -238,7 +284,8 @@ def run(args: argparse.Namespace) -> Path:
     def save_now(at: int) -> Path:
         state = {"step": at, "sampler": sampler.state_dict(), "tokenizer_hash": data.tokenizer_hash,
                  "world_size": world}
-        return checkpoint.save(engine, run_dir, at, state, cfg.train.keep_last)
+        return checkpoint.save(engine, run_dir, at, state, cfg.train.keep_last,
+                               info={"tokenizer_hash": data.tokenizer_hash})
 
     bar = None
     if is_main:
@@ -292,7 +339,7 @@ def run(args: argparse.Namespace) -> Path:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 logger.log(record)
                 loss_acc, steps_since = 0.0, 0
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+            if validate and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps):
                 val_loss = evaluate(engine, data, cfg, device)
                 logger.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                 if is_main:  # also in logs, where the progress bar is off

@@ -87,9 +87,11 @@ def test_poisoned_model_states_never_run(zero1_run, tmp_path, command):
 @pytest.mark.parametrize("pattern", ["*optim_states.pt", "rng_rank00000.pt"])
 def test_poisoned_optimizer_or_rng_file_never_runs_on_resume(zero1_run, tmp_path, pattern):
     run_dir, marker = poisoned_copy(zero1_run, tmp_path, pattern, "torch")
+    before = tree_hashes(run_dir)
     line = one_error_line(run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", "train.max_steps=3"],
                                   tmp_path, check=False))
     assert not marker.exists() and "refused" in line and pattern.strip("*") in line
+    assert tree_hashes(run_dir) == before  # refused before the first write
 
 
 def test_truncated_checkpoint_file_is_one_line(zero1_run, tmp_path):
@@ -264,3 +266,135 @@ def test_eval_ppl_on_a_run_with_a_broken_config_is_one_line(zero1_run, tmp_path,
     (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace("n_head: 4", "n_head: 3"))
     line = cli_error(["eval", "ppl", str(copy), "--lengths", "16", "--device", "cpu"], capsys)
     assert "config.yaml" in line and "n_head" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# A failing command writes nothing; one writer per run directory
+
+
+@pytest.mark.parametrize("change", ["tokenizer", "model"])
+def test_refused_resume_writes_nothing(zero1_run, tiny_config, tmp_path, change):
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero1_run, run_dir)
+    before = tree_hashes(run_dir)
+    sets = {"tokenizer": ["data.prepared_dir=" + str(tmp_path / "other"), "data.tokenizer.vocab_size=300"],
+            "model": ["model.n_layer=3"]}[change]
+    proc = run_cli(["train", "--resume", "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]],
+                   tmp_path, check=False)
+    line = one_error_line(proc)
+    assert ("another tokenizer" in line) if change == "tokenizer" else ("model.n_layer: 2 -> 3" in line)
+    assert tree_hashes(run_dir) == before
+
+
+def test_resume_applies_a_changed_learning_rate_and_records_it(zero1_run, tmp_path):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero1_run, run_dir)
+    proc = run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", "train.max_steps=3",
+                    "--set", "optim.lr=0.004"], tmp_path)
+    assert "resume applies optim.lr: 0.01 -> 0.004" in proc.stdout
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.004
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lr3 = next(r["lr"] for r in rows if r["step"] == 3 and "lr" in r)
+    # Cosine end of the new run length: lr * min_lr_ratio, from the new base lr, not the checkpoint's.
+    assert lr3 == pytest.approx(0.004 * 0.1)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_second_start_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_config, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config),
+                              "--run-dir", str(run_dir), "--set", "train.max_steps=100000", "--set", "train.save_every=2",
+                              "--set", "train.eval_every=0"], cwd=tmp_path, env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / "step_00000002" / "complete.json").exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        holder = json.loads((run_dir / ".lock").read_text())
+        assert holder["pid"] == first.pid
+        for args in (["--config", str(tiny_config)], ["--resume"]):
+            proc = run_cli(["train", *args, "--run-dir", str(run_dir)], tmp_path, check=False)
+            line = one_error_line(proc)
+            assert f"in use by pid {first.pid}" in line or "--resume" in line
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run_dir / ".lock").exists()  # left behind by kill -9: stale
+    at = checkpoint_steps(run_dir)[-1]
+    run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", f"train.max_steps={at + 1}"], tmp_path)
+    assert not (run_dir / ".lock").exists()
+    rows = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)]
+    assert rows == list(range(1, at + 2))  # one row per step, the killed attempt's extra steps dropped
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    from bifocal.launcher import checkpoint
+
+    return [s for s, _ in checkpoint.complete_checkpoints(run_dir)]
+
+
+def test_lock_of_another_live_process_or_host_is_respected(tmp_path):
+    import socket
+
+    from bifocal.launcher.errors import UserError
+    from bifocal.launcher.run_lock import RunLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for holder in ({"host": socket.gethostname(), "pid": os.getppid()}, {"host": "elsewhere", "pid": 1}):
+        (run_dir / ".lock").write_text(json.dumps(holder))
+        with pytest.raises(UserError, match=f"in use by pid {holder['pid']} on {holder['host']}"):
+            RunLock(run_dir).acquire()
+    # A lock whose process is gone is taken over, and released without a trace.
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run_dir / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    with RunLock(run_dir):
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    assert not (run_dir / ".lock").exists()
+    fresh = tmp_path / "a" / "b"
+    with RunLock(fresh):
+        assert fresh.is_dir()
+    assert not (tmp_path / "a").exists()  # directories made only for the lock are removed again
+
+
+def test_no_validation_data_is_refused_before_step_one(tmp_path):
+    import gzip
+
+    import yaml
+
+    from conftest import DATA
+
+    with gzip.open(DATA / "nl_small_austen.jsonl.gz", "rt", encoding="utf-8") as f:
+        doc = json.loads(f.readline())
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": doc["text"][:30_000]}) + "\n")
+    cfg = {"model": {"n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 16},
+           "data": {"sources": [{"name": "one", "path": "one.jsonl"}], "prepared_dir": str(tmp_path / "prepared"),
+                    "tokenizer": {"type": "bpe", "vocab_size": 300, "train_chars": 30_000}, "val_fraction": 0.1},
+           "train": {"seq_len": 16, "micro_batch": 2, "max_steps": 2, "save_every": 2, "eval_batches": 1}}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_cli(["train", "--config", str(tmp_path / "one.yaml"), "--run-dir", str(tmp_path / "run")], tmp_path,
+                   check=False)
+    line = one_error_line(proc)
+    assert "validation" in line and "data.val_fraction=0" in line
+    assert not (tmp_path / "run").exists()
+    # Asking for no validation trains with a warning and no validation rows.
+    ok = run_cli(["train", "--config", str(tmp_path / "one.yaml"), "--run-dir", str(tmp_path / "run"),
+                  "--set", "data.val_fraction=0", "--set", "data.prepared_dir=" + str(tmp_path / "prepared0")], tmp_path)
+    assert "training without validation" in ok.stdout
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val_loss" in r for r in rows) and checkpoint_steps(tmp_path / "run") == [2]

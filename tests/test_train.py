@@ -121,6 +121,9 @@ def test_kill_9_then_resume_two_ranks(tiny_config, tmp_path):
     ref, got = losses(tmp_path / "runs" / "full"), losses(run_dir)
     assert sorted(got) == list(range(1, 41))
     assert got == ref
+    logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert logged == list(range(1, 41))  # the killed attempt's rows after its checkpoint were dropped
 
 
 def test_two_nodes_through_bifocal_launch(tiny_config, tmp_path):

@@ -1,0 +1,89 @@
+"""Every check `bifocal train` can make before it writes anything into the run directory.
+
+A refused `--resume` must leave the run exactly as it was (its tokenizer/ and config.yaml are what
+`generate` and `eval` read later), and a run must not train for hours to fail at its first
+validation. So the data's tokenizer, the config changes a resume asks for, the checkpoint files
+and the validation data are all checked here, on rank 0, before the first write.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, safe_load
+from .config import RunConfig, load_config
+from .errors import UserError
+
+# What a checkpoint cannot follow: the model's shape and position scheme, the data and its order,
+# and how DeepSpeed laid out the saved states. Everything else (schedule, optimizer
+# hyperparameters, batch split, cadence, evaluation) is applied on resume and logged.
+FROZEN_ON_RESUME = ("model.", "data.", "train.seq_len", "train.seed", "deepspeed.zero_stage",
+                    "deepspeed.precision")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value the run had, value asked for now) for every differing key."""
+    old, new = flatten(before.to_dict()), flatten(after.to_dict())
+    if after.vocab_from_data:  # the data decides the vocabulary, as it did when the run started
+        new["model.vocab_size"] = old.get("model.vocab_size")
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_resume(run_dir: Path, cfg: RunConfig, data, from_hf: bool) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume that cannot continue this run; return the changes it will apply."""
+    found = checkpoint.latest_checkpoint(run_dir)
+    if found is None:
+        return []
+    # Checked now rather than when DeepSpeed reads them, so a refused file leaves nothing written.
+    safe_load.verify(safe_load.checkpoint_files(found[1]))
+    recorded = checkpoint.marker_info(found[1]).get("tokenizer_hash")
+    if recorded is None and (run_dir / "tokenizer").is_dir():
+        from bifocal.data_pipeline.tokenizer import load_tokenizer
+
+        recorded = load_tokenizer(run_dir / "tokenizer").hash
+    if recorded is not None and recorded != data.tokenizer_hash:
+        raise UserError(f"{data.path} was prepared with another tokenizer than the run {run_dir} "
+                        f"(hash {data.tokenizer_hash[:12]} != {recorded[:12]}); resume with the run's own data "
+                        f"(nothing was written)")
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    changes = config_changes(load_config(run_dir / "config.yaml"), cfg)
+    frozen = [c for c in changes if c[0].startswith(FROZEN_ON_RESUME) and not (from_hf and c[0].startswith("model."))]
+    if frozen:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen[:3]) + (" ..." if len(frozen) > 3 else "")
+        raise UserError(f"--resume cannot change {shown}: the checkpoint in {run_dir} was trained with the "
+                        f"first value; start a new run for that (nothing was written)")
+    return changes
+
+
+def check_validation(cfg: RunConfig, data, rank: int, world: int) -> bool:
+    """Whether the run validates: data.val_fraction=0 asks for no validation (a warning); otherwise
+    the validation split must hold at least one window, checked before step 1."""
+    from bifocal.data_pipeline.errors import DataError
+    from bifocal.data_pipeline.loader import WindowSampler
+
+    if cfg.data.val_fraction == 0:
+        if rank == 0:
+            print("bifocal: warning: data.val_fraction=0: training without validation", flush=True)
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sources too small for a window: reported below if none fits
+            WindowSampler(data, "val", cfg.train.seq_len, cfg.train.micro_batch, rank=rank, world_size=world)
+    except DataError:
+        raise UserError(f"{data.path} has {data.num_tokens('val') if 'val' in data.splits else 0} validation "
+                        f"tokens, not one window of seq_len + 1 = {cfg.train.seq_len + 1} in any source; add "
+                        f"documents, raise data.val_fraction, or set data.val_fraction=0 to train without "
+                        f"validation (nothing was written)") from None
+    return True
