@@ -151,8 +151,12 @@ def build_model(cfg: RunConfig, data, hf: dict | None):
     if hf:
         from bifocal.model.surgery import load_spectralized
 
-        model = load_spectralized(hf["path"], spectral_heads=hf["spectral_heads"], phase_init_std=hf["phase_init_std"],
-                                  spectral_lr_mult=cfg.model.position.spectral_lr_mult)
+        try:
+            model = load_spectralized(hf["path"], spectral_heads=hf["spectral_heads"],
+                                      phase_init_std=hf["phase_init_std"],
+                                      spectral_lr_mult=cfg.model.position.spectral_lr_mult)
+        except (OSError, ValueError) as exc:  # no safetensors weights, a config transformers rejects...
+            raise UserError(f"--init-from-hf {hf['path']}: {str(exc).strip().splitlines()[0]}") from None
         if model.cfg.vocab_size < data.vocab_size:
             raise UserError(f"{hf['path']} has {model.cfg.vocab_size} tokens but the data in {data.path} was "
                             f"prepared with a {data.vocab_size}-token tokenizer; set data.tokenizer.path to the "

@@ -159,7 +159,9 @@ def load_spectralized(hf_dir: str | Path, spectral_heads: int | None = None, pha
     if saved is not None:
         hf_logging.set_verbosity_error()  # the spectral weights are "unexpected" for the stock class
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), config=config, trust_remote_code=False, **kwargs)
+        # safetensors only: a pytorch_model.bin is a pickle, and unpickling can run code.
+        model = AutoModelForCausalLM.from_pretrained(str(p), config=config, trust_remote_code=False,
+                                                     use_safetensors=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if saved is None:

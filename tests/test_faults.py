@@ -398,3 +398,18 @@ def test_no_validation_data_is_refused_before_step_one(tmp_path):
     assert "training without validation" in ok.stdout
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not any("val_loss" in r for r in rows) and checkpoint_steps(tmp_path / "run") == [2]
+
+
+def test_init_from_hf_reads_no_pickled_weights(tmp_path):
+    """A Hugging Face directory whose weights are a pickle (pytorch_model.bin) is refused unread."""
+    transformers = pytest.importorskip("transformers")
+    from bifocal.model.surgery import load_spectralized
+
+    src = tmp_path / "llama"
+    transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2).save_pretrained(src)
+    marker = tmp_path / "PWNED"
+    write_payload(src / "pytorch_model.bin", marker, "pickle")
+    with pytest.raises(OSError, match="safetensors"):
+        load_spectralized(src)
+    assert not marker.exists()
