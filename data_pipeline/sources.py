@@ -162,6 +162,8 @@ def _local(src: SourceConfig) -> Iterator[Document]:
             kwargs = {"encoding": "utf_8", "encoding_errors": _ERRORS}
         elif kind == "text":
             kwargs = {"sample_by": "document", "encoding_errors": _ERRORS}
+        if kind == "json":
+            _check_first_record(group[0], where)
         try:
             ds = load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=True, **kwargs)
         except StopIteration:  # datasets infers the schema from the first rows: none there
@@ -172,6 +174,29 @@ def _local(src: SourceConfig) -> Iterator[Document]:
             raise DataError(f"{where}: cannot open ({_first_line(exc)})") from None
         field = "text" if kind == "text" else src.text_field
         yield from _rows(ds, src, where, field)
+
+
+def _check_first_record(path: Path, where: str) -> None:
+    """pyarrow's JSON reader (under `datasets`) crashes the process with a segmentation fault on a
+    file whose first record is a bare `null`; refuse such a file before it is handed over."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rb") as f:
+                head = f.read(4096)
+        elif path.name.lower().endswith((".zst", ".zstd")):
+            import zstandard
+
+            with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+                head = f.read(4096)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+    except Exception:  # damaged compression: left to the reader, which reports it as one line
+        return
+    if head.lstrip().startswith(b"null"):
+        raise DataError(f"{where}: the first record is `null`, not a JSON object with a text field")
 
 
 def _rows(ds: Any, src: SourceConfig, where: str, field: str | None = None) -> Iterator[Document]:

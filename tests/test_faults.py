@@ -413,3 +413,15 @@ def test_init_from_hf_reads_no_pickled_weights(tmp_path):
     with pytest.raises(OSError, match="safetensors"):
         load_spectralized(src)
     assert not marker.exists()
+
+
+def test_jsonl_starting_with_null_is_one_line_not_a_crash(tmp_path):
+    """Found by the fuzz: pyarrow's JSON reader segfaults on a first record `null` (in a child
+    process here, so a regression cannot take the test session down)."""
+    import yaml
+
+    (tmp_path / "null.jsonl").write_text('null\n{"text": "a document"}\n')
+    cfg = {"data": {"sources": [{"name": "n", "path": "null.jsonl"}], "prepared_dir": str(tmp_path / "prepared")}}
+    (tmp_path / "null.yaml").write_text(yaml.safe_dump(cfg))
+    line = one_error_line(run_cli(["prepare", str(tmp_path / "null.yaml")], tmp_path, check=False))
+    assert "null.jsonl" in line and "`null`" in line

@@ -157,3 +157,27 @@ def test_reader_over_random_bytes_in_each_file(prepared, tmp_path_factory, name,
         new = (old[:16] + data * (len(old) // max(1, len(data)) + 1))[:len(old)] if data else old
     target.write_bytes(new)
     reads_or_one_line_error(copy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw corpus files
+
+
+json_lines = st.lists(values.map(json.dumps) | st.text(max_size=30), max_size=5).map(lambda ls: "\n".join(ls).encode())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ext=st.sampled_from(["jsonl", "txt", "jsonl.gz", "jsonl.zst", "parquet"]),
+       data=st.binary(max_size=300) | json_lines, field=st.sampled_from([None, "text", "content"]))
+def test_source_reader_over_random_bytes(tmp_path, ext, data, field):
+    from bifocal.data_pipeline.config import SourceConfig
+    from bifocal.data_pipeline.sources import read_source
+
+    path = tmp_path / f"fuzz.{ext}"
+    path.write_bytes(data)
+    try:
+        src = SourceConfig(name="fuzz", path=str(path), **({"text_field": field} if field else {}))
+        for doc in read_source(src):
+            assert isinstance(doc.text, str)
+    except DataError as exc:
+        assert "\n" not in str(exc) and str(exc)
