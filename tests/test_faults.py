@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def one_error_line(proc) -> str:
     """The run failed with exit 2 and a single `bifocal: error:` line, no traceback."""
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("bifocal: error:")]
+    # Split at carriage returns too: a progress bar may share the error's terminal line.
+    lines = [x for x in re.split(r"[\r\n]", proc.stderr) if x.startswith("bifocal: error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
 
