@@ -178,21 +178,23 @@ def _tokenizer(cfg: DataConfig, tmp: Path) -> TextTokenizer:
         # Each source contributes in proportion to its weight, from documents that hash to train.
         bar = tqdm(total=tcfg.train_chars, unit="char", unit_scale=True, desc="tokenizer sample",
                    dynamic_ncols=True, file=sys.stderr)
-        for src in cfg.sources:
-            budget = int(tcfg.train_chars * src.weight / total_w)
-            got = 0
-            for doc in read_source(src):
-                got += 1
-                if budget <= 0:
-                    break
-                if val_score(src.name, doc.key) < cfg.val_fraction:
-                    continue
-                yield doc.text[:budget].replace("\ufffd", "")
-                bar.update(min(budget, len(doc.text)))
-                budget -= len(doc.text)
-            if got == 0:
-                raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
-        bar.close()
+        try:  # closed on errors too, so an error line never shares the bar's terminal line
+            for src in cfg.sources:
+                budget = int(tcfg.train_chars * src.weight / total_w)
+                got = 0
+                for doc in read_source(src):
+                    got += 1
+                    if budget <= 0:
+                        break
+                    if val_score(src.name, doc.key) < cfg.val_fraction:
+                        continue
+                    yield doc.text[:budget].replace("\ufffd", "")
+                    bar.update(min(budget, len(doc.text)))
+                    budget -= len(doc.text)
+                if got == 0:
+                    raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
+        finally:
+            bar.close()
 
     return train_tokenizer(sample(), tcfg, tmp)
 
