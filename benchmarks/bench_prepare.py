@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bifocal.data_pipeline.config import load_data_config
-from bifocal.data_pipeline.errors import DataError
+from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.prepare import prepare
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         t0, cpu0 = time.perf_counter(), _cpu()
         prepare(cfg, out, workers=args.workers)
         wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
-    except DataError as exc:
+    except BifocalError as exc:
         print(f"bench_prepare: error: {exc}", file=sys.stderr)
         return 2
     meta = json.loads((out / "meta.json").read_text())

@@ -1,6 +1,6 @@
 """Data configuration: plain dataclasses validated on construction.
 
-The launcher's strict YAML loader (`bifocal.model.config.from_dict`) builds these from a `data:`
+The strict YAML loader (`bifocal.core.config.from_dict`) builds these from a `data:`
 section using `__nested__`, rejects unknown keys and makes relative paths absolute first.
 """
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import DataError
+from bifocal.core.config import check
+from bifocal.core.errors import BifocalError
 
 TOKENIZER_TYPES = ("bpe", "sentencepiece_unigram", "sentencepiece_bpe")
 SYNTHETIC_TASKS = ("dyck", "modular", "rotation")
@@ -19,11 +20,6 @@ SYNTHETIC_TASKS = ("dyck", "modular", "rotation")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise DataError(f"{key}={value!r} is invalid: {allowed}")
 
 
 @dataclass
@@ -41,29 +37,29 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         where = f"source {self.name!r}"
-        _check(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)), "name", self.name,
+        check(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)), "name", self.name,
                "must be letters, digits, '_', '-' or '.' (it names shard files)")
-        _check(isinstance(self.weight, (int, float)) and self.weight >= 0, f"{where}: weight", self.weight,
+        check(isinstance(self.weight, (int, float)) and self.weight >= 0, f"{where}: weight", self.weight,
                "must be a number >= 0")
         self.weight = float(self.weight)
         kinds = [k for k in ("path", "hf_dataset", "synthetic") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise DataError(f"{where}: set exactly one of path, hf_dataset, synthetic "
-                            f"(got {', '.join(kinds) if kinds else 'none'})")
-        _check(self.glob is None or self.path is not None, f"{where}: glob", self.glob,
+            raise BifocalError(f"{where}: set exactly one of path, hf_dataset, synthetic "
+                               f"(got {', '.join(kinds) if kinds else 'none'})")
+        check(self.glob is None or self.path is not None, f"{where}: glob", self.glob,
                "needs a folder `path` to search in")
-        _check(self.max_documents is None or (isinstance(self.max_documents, int) and self.max_documents > 0),
+        check(self.max_documents is None or (isinstance(self.max_documents, int) and self.max_documents > 0),
                f"{where}: max_documents", self.max_documents, "must be a positive integer or null")
-        _check(isinstance(self.text_field, str) and bool(self.text_field), f"{where}: text_field", self.text_field,
+        check(isinstance(self.text_field, str) and bool(self.text_field), f"{where}: text_field", self.text_field,
                "must be a non-empty string")
         if self.synthetic is not None:
             syn = self.synthetic
-            _check(isinstance(syn, Mapping), f"{where}: synthetic", syn, "must be a mapping with task, n_documents, seed")
-            _check(syn.get("task") in SYNTHETIC_TASKS, f"{where}: synthetic.task", syn.get("task"),
+            check(isinstance(syn, Mapping), f"{where}: synthetic", syn, "must be a mapping with task, n_documents, seed")
+            check(syn.get("task") in SYNTHETIC_TASKS, f"{where}: synthetic.task", syn.get("task"),
                    f"one of {', '.join(SYNTHETIC_TASKS)}")
             n = syn.get("n_documents")
-            _check(isinstance(n, int) and n > 0, f"{where}: synthetic.n_documents", n, "must be a positive integer")
-            _check(isinstance(syn.get("seed", 0), int), f"{where}: synthetic.seed", syn.get("seed"), "must be an integer")
+            check(isinstance(n, int) and n > 0, f"{where}: synthetic.n_documents", n, "must be a positive integer")
+            check(isinstance(syn.get("seed", 0), int), f"{where}: synthetic.seed", syn.get("seed"), "must be an integer")
             self.synthetic = dict(syn)
 
 
@@ -75,11 +71,11 @@ class TokenizerConfig:
     train_chars: int = 20_000_000  # cap on characters used to train the tokenizer
 
     def __post_init__(self) -> None:
-        _check(self.type in TOKENIZER_TYPES, "tokenizer.type", self.type, f"one of {', '.join(TOKENIZER_TYPES)}")
+        check(self.type in TOKENIZER_TYPES, "tokenizer.type", self.type, f"one of {', '.join(TOKENIZER_TYPES)}")
         # 257 = 256 byte symbols + the end-of-document token; above 2^32 ids do not fit the shards.
-        _check(isinstance(self.vocab_size, int) and 257 <= self.vocab_size < 2**32, "tokenizer.vocab_size",
+        check(isinstance(self.vocab_size, int) and 257 <= self.vocab_size < 2**32, "tokenizer.vocab_size",
                self.vocab_size, "must be an integer in [257, 2^32)")
-        _check(isinstance(self.train_chars, int) and self.train_chars > 0, "tokenizer.train_chars",
+        check(isinstance(self.train_chars, int) and self.train_chars > 0, "tokenizer.train_chars",
                self.train_chars, "must be a positive integer")
 
 
@@ -103,17 +99,17 @@ class DataConfig:
         # Accept plain mappings too, so the dataclasses work without the launcher's loader.
         if isinstance(self.tokenizer, Mapping):
             self.tokenizer = TokenizerConfig(**self.tokenizer)
-        _check(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0, "sources", self.sources,
+        check(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0, "sources", self.sources,
                "must be a non-empty list")
         self.sources = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in self.sources]
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        _check(not dupes, "sources", dupes, "source names must be unique")
-        _check(sum(s.weight for s in self.sources) > 0, "sources.weight", [s.weight for s in self.sources],
+        check(not dupes, "sources", dupes, "source names must be unique")
+        check(sum(s.weight for s in self.sources) > 0, "sources.weight", [s.weight for s in self.sources],
                "at least one source needs a weight > 0")
-        _check(isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0, "val_fraction",
+        check(isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0, "val_fraction",
                self.val_fraction, "must be in [0, 1)")
-        _check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
+        check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
                "must be a non-empty path")
 
 
@@ -126,11 +122,11 @@ def load_data_config(yaml_path: str | Path) -> DataConfig:
 
     p = Path(yaml_path)
     if not p.is_file():
-        raise DataError(f"config file not found: {p}")
+        raise BifocalError(f"config file not found: {p}")
     doc = yaml.safe_load(p.read_text()) or {}
     data = doc.get("data", doc) if isinstance(doc, Mapping) else None
     if not isinstance(data, Mapping):
-        raise DataError(f"{p}: expected a mapping with a `data:` section")
+        raise BifocalError(f"{p}: expected a mapping with a `data:` section")
     data = dict(data)
 
     def absolute(value: str | None) -> str | None:
@@ -146,4 +142,4 @@ def load_data_config(yaml_path: str | Path) -> DataConfig:
         tok["path"] = absolute(tok.get("path"))
         return DataConfig(sources=sources or _default_sources(), tokenizer=TokenizerConfig(**tok), **data)
     except TypeError as exc:  # unknown key
-        raise DataError(f"{p}: {exc}") from None
+        raise BifocalError(f"{p}: {exc}") from None

@@ -18,9 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
-from .prepare import FORMAT_VERSION, DataWarning
-from .shards import file_sha256, open_shard, shard_names
+from bifocal.core.errors import BifocalError
+
+from .shards import FORMAT_VERSION, DataWarning, file_sha256, open_shard, shard_names
 from .tokenizer import TextTokenizer, load_tokenizer
 
 
@@ -32,17 +32,17 @@ class PreparedData:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             hint = " (an unfinished run? its .tmp-<pid> sibling is never used)" if self.path.is_dir() else ""
-            raise DataError(f"{self.path}: not a prepared data directory, no meta.json{hint}; run `bifocal prepare`")
+            raise BifocalError(f"{self.path}: not a prepared data directory, no meta.json{hint}; run `bifocal prepare`")
         try:
             self.meta: dict = json.loads(meta_path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(f"{meta_path}: unreadable meta.json ({type(exc).__name__}); re-run prepare") from None
+            raise BifocalError(f"{meta_path}: unreadable meta.json ({type(exc).__name__}); re-run prepare") from None
         if not isinstance(self.meta, dict):
-            raise DataError(f"{meta_path}: malformed meta.json (not a JSON object); re-run prepare")
+            raise BifocalError(f"{meta_path}: malformed meta.json (not a JSON object); re-run prepare")
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise DataError(f"{meta_path}: format_version {version!r}, this bifocal reads {FORMAT_VERSION}; "
-                            "re-run prepare")
+            raise BifocalError(f"{meta_path}: format_version {version!r}, this bifocal reads {FORMAT_VERSION}; "
+                               "re-run prepare")
         try:
             tok = self.meta["tokenizer"]
             self.vocab_size = int(tok["vocab_size"])
@@ -56,9 +56,9 @@ class PreparedData:
             tok_file = self.path / tok["file"]
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             detail = str(exc).splitlines()[0] if str(exc) else ""
-            raise DataError(f"{meta_path}: malformed meta.json ({type(exc).__name__}: {detail[:200]})") from None
+            raise BifocalError(f"{meta_path}: malformed meta.json ({type(exc).__name__}: {detail[:200]})") from None
         if not tok_file.is_file():
-            raise DataError(f"{tok_file}: tokenizer file missing (meta.json lists it)")
+            raise BifocalError(f"{tok_file}: tokenizer file missing (meta.json lists it)")
 
     @property
     def sources(self) -> list[str]:
@@ -84,14 +84,14 @@ class PreparedData:
         try:
             return self._shards[(source, split)]
         except KeyError:
-            raise DataError(f"{self.path}: no split {split!r} of source {source!r} "
-                            f"(sources: {', '.join(self.sources)}; splits: {', '.join(self.splits)})") from None
+            raise BifocalError(f"{self.path}: no split {split!r} of source {source!r} "
+                               f"(sources: {', '.join(self.sources)}; splits: {', '.join(self.splits)})") from None
 
     def tokenizer(self) -> TextTokenizer:
         tok = load_tokenizer(self.path / self.meta["tokenizer"]["file"])
         if tok.hash != self.tokenizer_hash:
-            raise DataError(f"{self.path}: tokenizer file hash {tok.hash[:16]} differs from meta.json "
-                            f"{self.tokenizer_hash[:16]}; re-run prepare")
+            raise BifocalError(f"{self.path}: tokenizer file hash {tok.hash[:16]} differs from meta.json "
+                               f"{self.tokenizer_hash[:16]}; re-run prepare")
         return tok
 
     def check_ids(self, ids: np.ndarray, source: str, split: str) -> None:
@@ -99,20 +99,20 @@ class PreparedData:
         open-time checks pass); a max over the read window catches it without hashing every shard."""
         if ids.size and int(ids.max()) >= self.vocab_size:
             shard = self.path / shard_names(source, split)[0]
-            raise DataError(f"{shard}: token id {int(ids.max())} is outside the {self.vocab_size}-token vocabulary; "
-                            f"the shard is corrupted (its sha256 no longer matches meta.json); re-run prepare")
+            raise BifocalError(f"{shard}: token id {int(ids.max())} is outside the {self.vocab_size}-token vocabulary; "
+                               f"the shard is corrupted (its sha256 no longer matches meta.json); re-run prepare")
 
     def check_tokenizer(self, tokenizer_hash: str) -> None:
         if tokenizer_hash != self.tokenizer_hash:
-            raise DataError(f"data at {self.path} was prepared with tokenizer {self.tokenizer_hash[:16]}, "
-                            f"the run uses {str(tokenizer_hash)[:16]}")
+            raise BifocalError(f"data at {self.path} was prepared with tokenizer {self.tokenizer_hash[:16]}, "
+                               f"the run uses {str(tokenizer_hash)[:16]}")
 
     def verify(self) -> None:
         """Full content check of every shard against the sha256 in meta.json (reads everything)."""
         for s in self.meta["sources"]:
             for entry in s["splits"].values():
                 if file_sha256(self.path / entry["bin"]) != entry["sha256"]:
-                    raise DataError(f"{self.path / entry['bin']}: content differs from meta.json sha256; re-run prepare")
+                    raise BifocalError(f"{self.path / entry['bin']}: content differs from meta.json sha256; re-run prepare")
 
     def __repr__(self) -> str:
         return f"PreparedData({str(self.path)!r}, sources={self.sources}, vocab_size={self.vocab_size})"
@@ -129,16 +129,16 @@ class WindowSampler:
                  rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None) -> None:
         self.data = _as_data(data)
         if seq_len < 1 or micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"WindowSampler: invalid seq_len={seq_len}, micro_batch={micro_batch}, "
-                            f"rank={rank}, world_size={world_size}")
+            raise BifocalError(f"WindowSampler: invalid seq_len={seq_len}, micro_batch={micro_batch}, "
+                               f"rank={rank}, world_size={world_size}")
         if split not in self.data.splits:
-            raise DataError(f"{self.data.path}: no split {split!r} (have {', '.join(self.data.splits)})")
+            raise BifocalError(f"{self.data.path}: no split {split!r} (have {', '.join(self.data.splits)})")
         w = dict(self.data.weights)
         for name, value in (weights or {}).items():
             if name not in w:
-                raise DataError(f"weights: unknown source {name!r} in {self.data.path} (sources: {', '.join(w)})")
+                raise BifocalError(f"weights: unknown source {name!r} in {self.data.path} (sources: {', '.join(w)})")
             if value < 0:
-                raise DataError(f"weights: {name}={value} is invalid: must be >= 0")
+                raise BifocalError(f"weights: {name}={value} is invalid: must be >= 0")
             w[name] = float(value)
         self.split, self.seq_len, self.micro_batch = split, int(seq_len), int(micro_batch)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
@@ -151,14 +151,14 @@ class WindowSampler:
                 msg = (f"source {name!r} has {len(toks)} {split} tokens in {self.data.path}, "
                        f"fewer than seq_len + 1 = {seq_len + 1}")
                 if split == "train":
-                    raise DataError(msg)
+                    raise BifocalError(msg)
                 warnings.warn(msg + "; sampling without it", DataWarning, stacklevel=2)
                 continue
             names.append(name)
             arrays.append(toks)
             probs.append(weight)
         if not names:
-            raise DataError(f"{self.data.path}: no source has a weight > 0 and at least {seq_len + 1} {split} tokens")
+            raise BifocalError(f"{self.data.path}: no source has a weight > 0 and at least {seq_len + 1} {split} tokens")
         self.sources = names
         self.probs = np.asarray(probs, dtype=np.float64) / sum(probs)
         self._tokens = arrays
@@ -191,8 +191,8 @@ class WindowSampler:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "split"):
             if key in state and state[key] != getattr(self, key):
-                raise DataError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}; "
-                                "resuming would not continue the same data order")
+                raise BifocalError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}; "
+                                   "resuming would not continue the same data order")
         self.counter = int(state["counter"])
 
 
@@ -201,7 +201,7 @@ def iter_documents(data: PreparedData | str, split: str = "val", min_tokens: int
     source by source in meta.json order, documents in shard order."""
     data = _as_data(data)
     if split not in data.splits:
-        raise DataError(f"{data.path}: no split {split!r} (have {', '.join(data.splits)})")
+        raise BifocalError(f"{data.path}: no split {split!r} (have {', '.join(data.splits)})")
     for name in data.sources:
         toks, offsets = data.tokens(name, split), data.offsets(name, split)
         for a, b in zip(offsets[:-1], offsets[1:]):

@@ -24,20 +24,16 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from bifocal.core.errors import BifocalError
+
 from .config import DataConfig, SourceConfig
-from .errors import DataError
 from .prefetch import prefetch
-from .shards import ShardWriter, dtype_for
+from .shards import FORMAT_VERSION, DataWarning, ShardWriter, dtype_for
 from .sources import Document, origin, read_source, source_files
 from .tokenizer import TextTokenizer, load_tokenizer, tokenizer_meta, train_tokenizer
 
-FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _BATCH_CHARS = 1_000_000  # text per encode_batch call: enough docs to keep threads busy, small to start soon
-
-
-class DataWarning(UserWarning):
-    """Recoverable input problems (e.g. invalid UTF-8 replaced)."""
 
 
 def is_prepared(out_dir: str | os.PathLike) -> bool:
@@ -70,7 +66,7 @@ def _tokenizer_stat(path: str | None, stat) -> list | None:
     if path is None:
         return None
     if not Path(path).exists():
-        raise DataError(f"tokenizer.path: tokenizer file not found: {path}")
+        raise BifocalError(f"tokenizer.path: tokenizer file not found: {path}")
     return stat(Path(path))
 
 
@@ -85,7 +81,7 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: 
     out = Path(out_dir if out_dir is not None else cfg.prepared_dir).resolve()
     if workers is not None:
         if workers < 1:
-            raise DataError(f"workers={workers} is invalid: must be >= 1")
+            raise BifocalError(f"workers={workers} is invalid: must be >= 1")
         # Rust (rayon) reads this when its thread pool starts, i.e. on the first parallel call.
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -115,19 +111,19 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: 
 def _existing(out: Path, fp: str) -> Path:
     meta_path = out / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"{out} exists and is not a prepared data directory (no meta.json); "
-                        "choose another --out or delete it")
+        raise BifocalError(f"{out} exists and is not a prepared data directory (no meta.json); "
+                           "choose another --out or delete it")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{meta_path}: unreadable meta.json ({type(exc).__name__}); the directory is damaged: "
-                        "delete it and prepare again") from None
+        raise BifocalError(f"{meta_path}: unreadable meta.json ({type(exc).__name__}); the directory is damaged: "
+                           "delete it and prepare again") from None
     if not isinstance(meta, dict):
-        raise DataError(f"{meta_path}: malformed meta.json (not a JSON object); delete the directory and prepare again")
+        raise BifocalError(f"{meta_path}: malformed meta.json (not a JSON object); delete the directory and prepare again")
     if meta.get("fingerprint") == fp and meta.get("format_version") == FORMAT_VERSION:
         print(f"{out} is already prepared from the same config and inputs; reusing it")
         return out
-    raise DataError(f"{out} exists and was prepared from a different config; choose another --out or delete it")
+    raise BifocalError(f"{out} exists and was prepared from a different config; choose another --out or delete it")
 
 
 def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
@@ -192,7 +188,7 @@ def _tokenizer(cfg: DataConfig, tmp: Path) -> TextTokenizer:
                     bar.update(min(budget, len(doc.text)))
                     budget -= len(doc.text)
                 if got == 0:
-                    raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
+                    raise BifocalError(f"source {src.name!r}: no documents with text in {_where(src)}")
         finally:
             bar.close()
 
@@ -250,7 +246,7 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
     shards = {sp: w.close() for sp, w in writers.items()}
     n_docs = sum(s["documents"] for s in shards.values())
     if n_docs == 0:
-        raise DataError(f"source {src.name!r}: no documents with text in {_where(src)}")
+        raise BifocalError(f"source {src.name!r}: no documents with text in {_where(src)}")
     if invalid:
         warnings.warn(f"source {src.name!r}: {invalid} document(s) had invalid UTF-8, replaced with U+FFFD",
                       DataWarning, stacklevel=3)

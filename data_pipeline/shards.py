@@ -14,11 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from bifocal.core.errors import BifocalError
 
+# Version of a prepared directory's layout (meta.json + shards); the reader refuses others.
+FORMAT_VERSION = 1
 HEADER = 16
 TOKENS_MAGIC = b"BFCLTOK1"
 INDEX_MAGIC = b"BFCLIDX1"
+
+
+class DataWarning(UserWarning):
+    """Recoverable input problems (e.g. invalid UTF-8 replaced)."""
 
 
 def dtype_for(vocab_size: int) -> str:
@@ -69,10 +75,10 @@ def _check_header(path: Path, magic: bytes, run_id: bytes) -> None:
     with open(path, "rb") as f:
         head = f.read(HEADER)
     if len(head) < HEADER or head[:8] != magic:
-        raise DataError(f"{path}: not a bifocal shard (bad header); re-run prepare")
+        raise BifocalError(f"{path}: not a bifocal shard (bad header); re-run prepare")
     if head[8:] != run_id:
-        raise DataError(f"{path}: foreign shard from another prepare run (run id {head[8:].hex()}, "
-                        f"meta.json says {run_id.hex()}); re-run prepare")
+        raise BifocalError(f"{path}: foreign shard from another prepare run (run id {head[8:].hex()}, "
+                           f"meta.json says {run_id.hex()}); re-run prepare")
 
 
 def open_shard(directory: Path, entry: dict, dtype: str, run_id: bytes) -> tuple[np.memmap, np.ndarray]:
@@ -81,18 +87,18 @@ def open_shard(directory: Path, entry: dict, dtype: str, run_id: bytes) -> tuple
     bin_path, idx_path = directory / entry["bin"], directory / entry["idx"]
     for p in (bin_path, idx_path):
         if not p.is_file():
-            raise DataError(f"{p}: shard missing (meta.json lists it); re-run prepare")
+            raise BifocalError(f"{p}: shard missing (meta.json lists it); re-run prepare")
     n_tok, n_doc = int(entry["tokens"]), int(entry["documents"])
     for p, want in ((bin_path, HEADER + n_tok * dt.itemsize), (idx_path, HEADER + (n_doc + 1) * 8)):
         size = os.path.getsize(p)
         if size != want:
-            raise DataError(f"{p}: {'truncated' if size < want else 'oversized'} shard: {size} bytes, "
-                            f"meta.json expects {want}; re-run prepare")
+            raise BifocalError(f"{p}: {'truncated' if size < want else 'oversized'} shard: {size} bytes, "
+                               f"meta.json expects {want}; re-run prepare")
     _check_header(bin_path, TOKENS_MAGIC, run_id)
     _check_header(idx_path, INDEX_MAGIC, run_id)
     offsets = np.fromfile(idx_path, dtype="<u8", offset=HEADER).astype(np.int64)
     if offsets[0] != 0 or offsets[-1] != n_tok or np.any(np.diff(offsets) < 0):
-        raise DataError(f"{idx_path}: corrupt document index (offsets do not cover {n_tok} tokens)")
+        raise BifocalError(f"{idx_path}: corrupt document index (offsets do not cover {n_tok} tokens)")
     if n_tok == 0:
         return np.zeros(0, dtype=dt), offsets  # np.memmap refuses empty files
     return np.memmap(bin_path, dtype=dt, mode="r", offset=HEADER, shape=(n_tok,)), offsets

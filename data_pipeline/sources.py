@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import SourceConfig
-from .errors import DataError
+from bifocal.core.errors import BifocalError
 
 # Invalid UTF-8 bytes decode to this noncharacter (reserved by Unicode for internal use) so we can
 # count the affected documents, then become U+FFFD like errors="replace" would give.
@@ -61,7 +61,7 @@ def file_kind(path: str | os.PathLike) -> str | None:
 
 
 def source_files(src: SourceConfig) -> list[Path]:
-    """The local files a path source reads, sorted; DataError if there are none."""
+    """The local files a path source reads, sorted; BifocalError if there are none."""
     if src.path is None:
         return []
     where = f"source {src.name!r}"
@@ -71,24 +71,24 @@ def source_files(src: SourceConfig) -> list[Path]:
         if src.glob is None:
             files = [f for f in files if file_kind(f)]
         if not files:
-            raise DataError(f"{where}: no supported files match {src.path}")
+            raise BifocalError(f"{where}: no supported files match {src.path}")
         return files
     if not p.exists():
-        raise DataError(f"{where}: file not found: {p}")
+        raise BifocalError(f"{where}: file not found: {p}")
     if p.is_dir():
         if src.glob is not None:
             files = sorted(f for f in p.glob(src.glob) if f.is_file())
             if not files:
-                raise DataError(f"{where}: no files match glob {src.glob!r} in {p}")
+                raise BifocalError(f"{where}: no files match glob {src.glob!r} in {p}")
         else:
             files = sorted(f for f in p.rglob("*") if f.is_file() and file_kind(f))
             if not files:
-                raise DataError(f"{where}: no .txt/.jsonl[.gz|.zst]/.parquet files in folder {p}")
+                raise BifocalError(f"{where}: no .txt/.jsonl[.gz|.zst]/.parquet files in folder {p}")
         return files
     if src.glob is not None:
-        raise DataError(f"{where}: glob {src.glob!r} needs a folder path, got the file {p}")
+        raise BifocalError(f"{where}: glob {src.glob!r} needs a folder path, got the file {p}")
     if file_kind(p) is None:
-        raise DataError(f"{where}: unsupported file type {p.name} (use .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet)")
+        raise BifocalError(f"{where}: unsupported file type {p.name} (use .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet)")
     return [p]
 
 
@@ -141,7 +141,7 @@ def _hub(src: SourceConfig) -> Iterator[Document]:
     try:
         ds = load_dataset(src.hf_dataset, src.hf_config, split=src.split, streaming=True)
     except Exception as exc:
-        raise DataError(f"{where}: cannot open ({_first_line(exc)})") from None
+        raise BifocalError(f"{where}: cannot open ({_first_line(exc)})") from None
     yield from _rows(ds, src, where)
 
 
@@ -168,10 +168,10 @@ def _local(src: SourceConfig) -> Iterator[Document]:
             ds = load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=True, **kwargs)
         except StopIteration:  # datasets infers the schema from the first rows: none there
             if len(groups) == 1:
-                raise DataError(f"source {src.name!r}: no documents with text in {group[0]}") from None
+                raise BifocalError(f"source {src.name!r}: no documents with text in {group[0]}") from None
             continue
         except Exception as exc:
-            raise DataError(f"{where}: cannot open ({_first_line(exc)})") from None
+            raise BifocalError(f"{where}: cannot open ({_first_line(exc)})") from None
         field = "text" if kind == "text" else src.text_field
         yield from _rows(ds, src, where, field)
 
@@ -207,13 +207,13 @@ def _rows(ds: Any, src: SourceConfig, where: str, field: str | None = None) -> I
         for batch in ds.iter(batch_size=_BATCH):
             texts = batch.get(field)
             if texts is None:
-                raise DataError(f"{where}: document {i} has no field {field!r} "
-                                f"(fields: {', '.join(batch) or 'none'}); set text_field in the source config")
+                raise BifocalError(f"{where}: document {i} has no field {field!r} "
+                                   f"(fields: {', '.join(batch) or 'none'}); set text_field in the source config")
             sources = batch.get("source") if field != "source" else None
             for j, text in enumerate(texts):
                 if not isinstance(text, str):
                     what = "no" if text is None else f"a non-string ({type(text).__name__})"
-                    raise DataError(f"{where}: document {i + j} has {what} value for field {field!r}")
+                    raise BifocalError(f"{where}: document {i + j} has {what} value for field {field!r}")
                 text, invalid, nbytes = _clean(text)
                 sname = sources[j] if sources is not None else None
                 if isinstance(sname, str) and sname:
@@ -225,10 +225,10 @@ def _rows(ds: Any, src: SourceConfig, where: str, field: str | None = None) -> I
                     key = "sha1:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
                 yield Document(text=text, key=key, invalid_utf8=invalid, nbytes=nbytes)
             i += len(texts)
-    except DataError:
+    except BifocalError:
         raise
     except Exception as exc:  # corrupt gzip, malformed JSON, unreadable parquet, ...
-        raise DataError(f"{where}: cannot read document {i} ({_first_line(exc)})") from None
+        raise BifocalError(f"{where}: cannot read document {i} ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:

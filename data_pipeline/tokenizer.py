@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .config import TokenizerConfig
-from .errors import DataError
+from bifocal.core.errors import BifocalError
 
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document names tried, in order, when loading a tokenizer trained elsewhere.
@@ -46,9 +46,9 @@ class TextTokenizer:
             self.vocab_size = int(self._sp.get_piece_size())
             eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         else:
-            raise DataError(f"unknown tokenizer kind {kind!r}: expected bpe or sentencepiece")
+            raise BifocalError(f"unknown tokenizer kind {kind!r}: expected bpe or sentencepiece")
         if eod is None:
-            raise DataError(f"tokenizer has no end-of-document token (looked for {', '.join(_EOD_CANDIDATES)} / eos)")
+            raise BifocalError(f"tokenizer has no end-of-document token (looked for {', '.join(_EOD_CANDIDATES)} / eos)")
         self.eod_id = int(eod)
 
     @property
@@ -94,26 +94,26 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
             pass
         found = [p / n for n in names if (p / n).is_file()]
         if not found:
-            raise DataError(f"{p}: no {BPE_FILE} or {SP_FILE} in this directory")
+            raise BifocalError(f"{p}: no {BPE_FILE} or {SP_FILE} in this directory")
         p = found[0]
     if not p.is_file():
-        raise DataError(f"tokenizer file not found: {p}")
+        raise BifocalError(f"tokenizer file not found: {p}")
     data = p.read_bytes()
     if p.suffix == ".json":
         try:
             return TextTokenizer("bpe", data)
-        except DataError:
+        except BifocalError:
             raise
         except Exception as exc:  # tokenizers raises plain Exception on a malformed file
-            raise DataError(f"{p}: not a valid tokenizers JSON file ({str(exc).splitlines()[0]})") from None
+            raise BifocalError(f"{p}: not a valid tokenizers JSON file ({str(exc).splitlines()[0]})") from None
     if p.suffix == ".model":
         try:
             return TextTokenizer("sentencepiece", data)
-        except DataError:
+        except BifocalError:
             raise
         except Exception as exc:
-            raise DataError(f"{p}: not a valid SentencePiece model ({str(exc).splitlines()[0]})") from None
-    raise DataError(f"{p}: unknown tokenizer file type (expected tokenizer.json or a SentencePiece .model)")
+            raise BifocalError(f"{p}: not a valid SentencePiece model ({str(exc).splitlines()[0]})") from None
+    raise BifocalError(f"{p}: unknown tokenizer file type (expected tokenizer.json or a SentencePiece .model)")
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | os.PathLike) -> TextTokenizer:
@@ -164,7 +164,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> bytes:
 
     tok.train_from_iterator(counted(), trainer=trainer)
     if n == 0:
-        raise DataError("no text to train the tokenizer on")
+        raise BifocalError("no text to train the tokenizer on")
     return tok.to_str(pretty=False).encode("utf-8")
 
 
@@ -184,7 +184,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str)
     sentences = _sp_pieces(texts)
     first = next(sentences, None)
     if first is None:
-        raise DataError("no text to train the tokenizer on")
+        raise BifocalError("no text to train the tokenizer on")
 
     def all_sentences() -> Iterator[str]:
         yield first
@@ -213,7 +213,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str)
             train_extremely_large_corpus=False,
         )
     except RuntimeError as exc:
-        raise DataError(f"SentencePiece training failed: {str(exc).splitlines()[0]}") from None
+        raise BifocalError(f"SentencePiece training failed: {str(exc).splitlines()[0]}") from None
     return model.getvalue()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bifocal.core.errors import BifocalError
 from bifocal.model import GPT, KVCache
 
 
@@ -30,13 +31,13 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
 def _check(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, greedy: bool) -> None:
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        raise BifocalError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not greedy and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax decoding)")
+        raise BifocalError(f"temperature={temperature} must be > 0 (use greedy=True for argmax decoding)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+        raise BifocalError(f"top_k={top_k} must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise BifocalError(f"top_p={top_p} must be in (0, 1]")
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def generate(model: GPT, input_ids: Tensor, max_new_tokens: int, temperature: fl
     that emits `eos_id` is padded with it; generation stops early once every row has."""
     _check(max_new_tokens, temperature, top_k, top_p, greedy)
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
-        raise ValueError(f"input_ids must be (batch, length>=1), got shape {tuple(input_ids.shape)}")
+        raise BifocalError(f"input_ids must be (batch, length>=1), got shape {tuple(input_ids.shape)}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -106,20 +107,15 @@ def load_model_and_tokenizer(path: str | Path, device: str) -> tuple[GPT, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """`bifocal generate MODEL --prompt ...`: prints the prompt followed by its completion."""
-    from bifocal.launcher.cli import UserError
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.model, device)
-        tok = _Tok(tokenizer)
-        prompt_ids = tok.encode(args.prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt encodes to no tokens")
-        out = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
-                       use_cache=not args.no_cache, eos_id=tok.eos_id)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    model, tokenizer = load_model_and_tokenizer(args.model, device)
+    tok = _Tok(tokenizer)
+    prompt_ids = tok.encode(args.prompt)
+    if not prompt_ids:
+        raise BifocalError("the prompt encodes to no tokens")
+    out = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
+                   use_cache=not args.no_cache, eos_id=tok.eos_id)
     new = out[0, len(prompt_ids):].tolist()
     if tok.eos_id is not None and tok.eos_id in new:
         new = new[: new.index(tok.eos_id)]

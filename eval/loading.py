@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from bifocal.data_pipeline.tokenizer import TextTokenizer, load_tokenizer
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 
 
@@ -21,19 +21,19 @@ def load_model(path: str | Path, device: str | None = None, step: int | None = N
     p = Path(path)
     device = default_device(device)
     if not p.exists():
-        raise UserError(f"model not found: {p}")
+        raise BifocalError(f"model not found: {p}")
     if (p / "config.json").is_file():
-        from .hf_io import load_exported
+        from bifocal.model.hf.hf_io import load_exported
 
         try:
             model, _ = load_exported(p, device=device)
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:  # BifocalError is a ValueError
             detail = f"config.json lacks {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise UserError(f"{p}: cannot load the exported model: {detail}") from None
+            raise BifocalError(f"{p}: cannot load the exported model: {detail}") from None
         tok_file = next((p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).is_file()), None)
         if tok_file is None:
-            raise UserError(f"{p} has no tokenizer.json or tokenizer.model")
+            raise BifocalError(f"{p} has no tokenizer.json or tokenizer.model")
         return model.eval(), load_tokenizer(tok_file)
-    from bifocal.launcher.checkpoint import load_run_model
+    from bifocal.run.checkpoint import load_run_model
 
     return load_run_model(p, step=step, device=device)

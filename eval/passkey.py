@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from bifocal.data_pipeline.tokenizer import TextTokenizer
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 
 from .describe import default_out, model_name, model_scheme, train_len
@@ -48,9 +48,9 @@ def parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--lengths must be comma-separated integers, got {text!r}") from None
+        raise BifocalError(f"--lengths must be comma-separated integers, got {text!r}") from None
     if not lengths or min(lengths) < 1:
-        raise UserError(f"--lengths needs positive integers, got {text!r}")
+        raise BifocalError(f"--lengths needs positive integers, got {text!r}")
     return lengths
 
 
@@ -61,10 +61,7 @@ def run_trials(model: GPT, tok: TextTokenizer, lengths: list[int], trials: int, 
         for length in lengths:
             rng = random.Random(f"passkey:{seed}:{length}")
             for _ in range(trials):
-                try:
-                    sample = make_passkey_prompt(length, tok.encode, rng)
-                except ValueError as exc:
-                    raise UserError(f"length {length}: {exc}") from None
+                sample = make_passkey_prompt(length, tok.encode, rng)
                 ids = torch.tensor([tok.encode(sample.prompt)])
                 gen = generate(model, ids, NEW_TOKENS, greedy=True)
                 out.append(Trial(length, sample, tok.decode(gen[0, ids.shape[1]:].tolist())))
@@ -98,7 +95,7 @@ def run(model_path: str | Path, lengths: list[int], trials: int = 10, seed: int 
     from .results import EvalResult
 
     if trials < 1:
-        raise UserError(f"--trials must be >= 1, got {trials}")
+        raise BifocalError(f"--trials must be >= 1, got {trials}")
     model, tok = load_model(model_path, device=device)
     used = apply_scaling(model, rope_scaling, factor, lengths)
     results = run_trials(model, tok, lengths, trials, seed)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from bifocal.core.errors import BifocalError
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
          "them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -49,7 +51,7 @@ def make_passkey_prompt(n_tokens_target: int, tokenizer_encode: Callable[[str], 
     if depth is None:
         depth = rng.random()
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise BifocalError(f"depth must be in [0, 1], got {depth}")
     key = str(rng.randint(10000, 99999))
 
     cache: dict[int, int] = {}
@@ -60,7 +62,7 @@ def make_passkey_prompt(n_tokens_target: int, tokenizer_encode: Callable[[str], 
         return cache[n_filler]
 
     if n_tokens(0) > n_tokens_target:
-        raise ValueError(f"n_tokens_target={n_tokens_target} is too small: the prompt without any "
+        raise BifocalError(f"n_tokens_target={n_tokens_target} is too small: the prompt without any "
                          f"filler already has {n_tokens(0)} tokens")
     # Token count grows with the filler count (exactly for byte-level, near enough for BPE), so
     # an exponential then a binary search needs O(log n) encodes of the long prompt.

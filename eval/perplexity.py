@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 
 Documents = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
@@ -177,13 +177,12 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
 def raw_documents(path: str | Path, tokenizer) -> list[np.ndarray]:
     """Tokenize .txt / .jsonl / .jsonl.gz files (or a folder of them) with the model's tokenizer."""
     from bifocal.data_pipeline.config import SourceConfig
-    from bifocal.data_pipeline.errors import DataError
     from bifocal.data_pipeline.sources import read_source
 
     try:
         texts = [doc.text for doc in read_source(SourceConfig(name="eval", path=str(path)))]
-    except DataError as exc:
-        raise UserError(f"--data: {exc}") from None
+    except BifocalError as exc:
+        raise BifocalError(f"--data: {exc}") from None
     out = []
     for i in range(0, len(texts), 256):
         out += [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts[i:i + 256])]
@@ -193,32 +192,24 @@ def raw_documents(path: str | Path, tokenizer) -> list[np.ndarray]:
 def resolve_documents(model_path: Path, data: str | None, tokenizer) -> tuple[Documents, str]:
     """(documents, description): a prepared dir's validation split, raw files, or by default the
     run's own prepared data (its data.prepared_dir, relative to the cwd as in training)."""
-    from bifocal.data_pipeline.errors import DataError
     from bifocal.data_pipeline.loader import PreparedData, iter_documents
 
     if data is None:
         if not (model_path / "config.yaml").is_file():
-            raise UserError(f"{model_path} is not a run directory: pass --data (a prepared dir or text files)")
-        from bifocal.launcher.config import load_config
-        from bifocal.model.config import ConfigError
+            raise BifocalError(f"{model_path} is not a run directory: pass --data (a prepared dir or text files)")
+        from bifocal.run.config import load_config
 
-        try:
-            data = load_config(model_path / "config.yaml").data.prepared_dir
-        except ConfigError as exc:
-            raise UserError(str(exc)) from None
+        data = load_config(model_path / "config.yaml").data.prepared_dir
     path = Path(data)
     if not path.exists():
-        raise UserError(f"--data: {path} not found (prepare it with `bifocal prepare`, or pass --data)")
+        raise BifocalError(f"--data: {path} not found (prepare it with `bifocal prepare`, or pass --data)")
     if (path / "meta.json").is_file():
-        try:
-            prepared = PreparedData(path)
-            if prepared.tokenizer_hash != tokenizer.hash:  # a re-serialised export can differ in bytes only
-                print(f"warning: {path} was prepared with a tokenizer file that differs from the model's",
-                      file=sys.stderr)
-            if "val" not in prepared.splits:
-                raise UserError(f"--data: {path} has no validation split")
-        except DataError as exc:
-            raise UserError(str(exc)) from None
+        prepared = PreparedData(path)
+        if prepared.tokenizer_hash != tokenizer.hash:  # a re-serialised export can differ in bytes only
+            print(f"warning: {path} was prepared with a tokenizer file that differs from the model's",
+                  file=sys.stderr)
+        if "val" not in prepared.splits:
+            raise BifocalError(f"--data: {path} has no validation split")
         return (lambda n: iter_documents(prepared, "val", min_tokens=n + 1)), f"{path} (val)"
     return raw_documents(path, tokenizer), str(path)
 
@@ -231,9 +222,9 @@ def parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--lengths {text!r}: expected comma-separated integers, e.g. 512,1024") from None
+        raise BifocalError(f"--lengths {text!r}: expected comma-separated integers, e.g. 512,1024") from None
     if not lengths or any(n < 1 for n in lengths):
-        raise UserError(f"--lengths {text!r}: expected positive integers")
+        raise BifocalError(f"--lengths {text!r}: expected positive integers")
     return lengths
 
 
@@ -246,7 +237,7 @@ def apply_scaling(model: GPT, variant: str | None, factor: float | None, lengths
     train_len = model.cfg.max_seq_len
     factor = float(factor) if factor is not None else max(1.0, max(lengths) / train_len)
     if factor < 1:
-        raise UserError(f"--factor {factor:g}: must be >= 1")
+        raise BifocalError(f"--factor {factor:g}: must be >= 1")
     model.set_rope_scaling({"type": variant, "factor": factor, "original_max_len": train_len})
     return factor
 
@@ -272,13 +263,13 @@ def main(args: argparse.Namespace) -> int:
     for name in ("stride", "max_docs", "max_tokens", "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+            raise BifocalError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
     if args.factor is not None and not args.rope_scaling:
-        raise UserError("--factor needs --rope-scaling pi|ntk|dynamic_ntk|yarn")
+        raise BifocalError("--factor needs --rope-scaling pi|ntk|dynamic_ntk|yarn")
     model_path = Path(args.model)
     if args.out and Path(args.out).exists() and not getattr(args, "overwrite", False):
-        raise UserError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out "
-                        "(nothing was written)")
+        raise BifocalError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out "
+                           "(nothing was written)")
     model, tokenizer = load_model(model_path, device=args.device)
     documents, described = resolve_documents(model_path, args.data, tokenizer)
     scheme = model.cfg.position.scheme
@@ -298,17 +289,12 @@ def main(args: argparse.Namespace) -> int:
               f"overlap (stride = length); each row records the stride it used", file=sys.stderr)
     print(f"perplexity of {model_path} ({scheme}, trained at {train_len}) on {described}"
           + (f", rope scaling {args.rope_scaling} x{factor:g}" if args.rope_scaling else ""))
-    from bifocal.data_pipeline.errors import DataError
-
-    try:  # documents are read lazily, so damaged shards surface here
-        rows = evaluate_perplexity(model, documents, lengths, stride=args.stride, max_docs=args.max_docs,
-                                   max_tokens=args.max_tokens, batch_size=args.batch_size,
-                                   on_skip=on_skip)
-    except DataError as exc:
-        raise UserError(str(exc)) from None
+    # Documents are read lazily, so damaged shards surface here, as BifocalError like the rest.
+    rows = evaluate_perplexity(model, documents, lengths, stride=args.stride, max_docs=args.max_docs,
+                               max_tokens=args.max_tokens, batch_size=args.batch_size, on_skip=on_skip)
     if not rows:
-        raise UserError(f"no length in {','.join(map(str, lengths))} could be evaluated "
-                        f"(no documents with that many tokens in {described})")
+        raise BifocalError(f"no length in {','.join(map(str, lengths))} could be evaluated "
+                           f"(no documents with that many tokens in {described})")
     print(format_table(rows, train_len))
     result = EvalResult(kind="ppl", model=model_path.resolve().name, scheme=scheme, rows=rows,
                         variant=args.rope_scaling or "none", factor=factor, train_len=train_len,

@@ -406,19 +406,16 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> dict[str, Pa
 
 
 def main(args: argparse.Namespace) -> int:
-    from bifocal.launcher.cli import UserError
+    from bifocal.core.errors import BifocalError
 
-    try:
-        results = collect(list(args.results))
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    results = collect(list(args.results))
     if not results:
-        raise UserError(f"no result files found in {', '.join(map(str, args.results))}")
+        raise BifocalError(f"no result files found in {', '.join(map(str, args.results))}")
     out = Path(args.out)
     earlier = [p.name for p in (out / "report.md", out / "report.json") if p.exists()]
     if earlier and not getattr(args, "overwrite", False):
-        raise UserError(f"{out} already holds a report ({', '.join(earlier)}); pass --overwrite to replace it, "
-                        "or choose another --out (nothing was written)")
+        raise BifocalError(f"{out} already holds a report ({', '.join(earlier)}); pass --overwrite to replace it, "
+                           "or choose another --out (nothing was written)")
     paths = write_report(results, args.out)
     print(render_markdown(results))
     for path in paths.values():

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bifocal.core.errors import BifocalError
+
 KINDS = ("ppl", "passkey", "tasks")
 SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
 VARIANTS = ("none", "pi", "ntk", "dynamic_ntk", "yarn")
@@ -44,9 +46,9 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, source: str = "result") -> "EvalResult":
-        """Raise ValueError naming ``source`` and the offending field; returns self."""
-        def bad(msg: str) -> ValueError:
-            return ValueError(f"{source}: {msg}")
+        """Raise BifocalError naming ``source`` and the offending field; returns self."""
+        def bad(msg: str) -> BifocalError:
+            return BifocalError(f"{source}: {msg}")
 
         if self.kind not in KINDS:
             raise bad(f"field 'kind' must be one of {KINDS}, got {self.kind!r}")
@@ -100,10 +102,10 @@ def _json_default(obj: Any) -> Any:
 def from_dict(data: dict[str, Any], source: str = "result") -> EvalResult:
     """Build and validate an EvalResult; unknown top-level fields go into ``extra``."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        raise BifocalError(f"{source}: expected a JSON object, got {type(data).__name__}")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
-        raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        raise BifocalError(f"{source}: missing field(s) {', '.join(missing)}")
     known = {"kind", "model", "scheme", "rows", "variant", "factor", "train_len", "extra"}
     extra = dict(data.get("extra") or {})
     extra.update({k: v for k, v in data.items() if k not in known})
@@ -119,7 +121,7 @@ def load(path: str | os.PathLike) -> EvalResult:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise BifocalError(f"{path}: not valid JSON ({exc})") from exc
     return from_dict(data, str(path))
 
 
@@ -144,7 +146,7 @@ def collect(paths: list[str]) -> list[EvalResult]:
         elif p.is_file():
             files.append(p)
         else:
-            raise ValueError(f"{p}: no such file or directory")
+            raise BifocalError(f"{p}: no such file or directory")
     seen: set[Path] = set()
     results = []
     for f in files:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 
 from .describe import model_name
@@ -38,7 +38,7 @@ TWO_PI = 2 * math.pi
 
 def spectral_heads(model: GPT) -> list[dict[str, Any]]:
     """One entry per spectral query head: layer, head index, kv head, omega/theta/amplitude/phase."""
-    from bifocal.launcher.metrics import spectral_snapshot
+    from bifocal.run.metrics import spectral_snapshot
 
     snap = spectral_snapshot(model, zero3=False)
     cfg = model.cfg
@@ -78,7 +78,7 @@ def nearest_to_modulus(freqs: np.ndarray, p: int) -> dict[str, Any]:
 def modulus_report(heads: list[dict[str, Any]], p: int) -> list[dict[str, Any]]:
     """Per spectral head: the learned frequency nearest to k*2*pi/p, and the same at initialisation."""
     if p < 2:
-        raise UserError(f"--modulus must be >= 2, got {p}")
+        raise BifocalError(f"--modulus must be >= 2, got {p}")
     rows = []
     for h in heads:
         learned = nearest_to_modulus(np.asarray(h["omega"]), p)
@@ -101,7 +101,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_frequencies(model: GPT, path: Path, modulus: int | None) -> Path:
-    from bifocal.launcher.metrics import frequency_figure, spectral_snapshot
+    from bifocal.run.metrics import frequency_figure, spectral_snapshot
 
     fig = frequency_figure(spectral_snapshot(model, zero3=False), model.cfg.head_dim, model.cfg.position.rope_base)
     if modulus:
@@ -167,22 +167,18 @@ def _run_prepared_dir(model_path: Path) -> Path | None:
     cfg_file = model_path / "config.yaml"
     if not cfg_file.is_file():
         return None
-    from bifocal.launcher.config import load_config
+    from bifocal.run.config import load_config
 
     return Path(load_config(cfg_file).data.prepared_dir)
 
 
 def validation_windows(data_dir: Path, seq_len: int, n: int, seed: int = 0) -> list[torch.Tensor]:
     """`n` seq_len-token windows of the validation split (training split if there is none)."""
-    from bifocal.data_pipeline.errors import DataError
     from bifocal.data_pipeline.loader import PreparedData, WindowSampler
 
-    try:
-        data = PreparedData(data_dir)
-        split = "val" if "val" in data.splits and data.num_tokens("val") > seq_len + 1 else "train"
-        sampler = WindowSampler(data, split, seq_len, micro_batch=n, seed=seed)
-    except DataError as exc:
-        raise UserError(str(exc)) from None
+    data = PreparedData(data_dir)
+    split = "val" if "val" in data.splits and data.num_tokens("val") > seq_len + 1 else "train"
+    sampler = WindowSampler(data, split, seq_len, micro_batch=n, seed=seed)
     x, _ = sampler.next_batch()
     return list(x)
 

@@ -39,9 +39,10 @@ from typing import Any
 
 import yaml
 
-from bifocal.launcher.config import CONFIG_DIR, deep_merge, expand, nest, parse_overrides
-from bifocal.launcher.errors import UserError
-from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES, ConfigError, nearest
+from bifocal.core.config import deep_merge, nearest, nest, parse_overrides, yaml_mapping
+from bifocal.core.errors import BifocalError
+from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES
+from bifocal.run.config import CONFIG_DIR, expand
 
 STUDY_DIR = CONFIG_DIR / "study"
 RUN_SECTIONS = ("model", "data", "train", "optim", "deepspeed")  # `--set train.x=1` means base.train.x
@@ -87,14 +88,14 @@ def _seed_list(value: Any, base: dict, where: str) -> list[int]:
     if value is None:
         return []
     if isinstance(value, bool) or not isinstance(value, (int, list)):
-        raise UserError(f"{where}: `seeds` must be a positive integer or a list of integers, got {value!r}")
+        raise BifocalError(f"{where}: `seeds` must be a positive integer or a list of integers, got {value!r}")
     if isinstance(value, int):
         if value < 1:
-            raise UserError(f"{where}: `seeds` must be >= 1, got {value}")
+            raise BifocalError(f"{where}: `seeds` must be >= 1, got {value}")
         first = int((base.get("train") or {}).get("seed", 1234))
         return [first + i for i in range(value)]
     if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or len(set(value)) < len(value):
-        raise UserError(f"{where}: `seeds` must be a non-empty list of distinct integers, got {value!r}")
+        raise BifocalError(f"{where}: `seeds` must be a non-empty list of distinct integers, got {value!r}")
     return list(value)
 
 
@@ -102,12 +103,12 @@ def _preset_path(preset: str) -> Path:
     p = Path(preset)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise UserError(f"study file not found: {p}")
+            raise BifocalError(f"study file not found: {p}")
         return p
     named = STUDY_DIR / f"{preset}.yaml"
     if not named.is_file():
         have = sorted(f.stem for f in STUDY_DIR.glob("*.yaml"))
-        raise UserError(f"unknown study preset {preset!r}: one of {', '.join(have)} or a path to a study YAML")
+        raise BifocalError(f"unknown study preset {preset!r}: one of {', '.join(have)} or a path to a study YAML")
     return named
 
 
@@ -117,11 +118,11 @@ def _base_config(base: Any, study_path: Path) -> dict:
     if isinstance(base, str):
         base = {"include": base}
     if not isinstance(base, dict):
-        raise UserError(f"{study_path}: `base` must be a run config mapping or a path")
+        raise BifocalError(f"{study_path}: `base` must be a run config mapping or a path")
     try:
         return expand(base, study_path.parent)
-    except ConfigError as exc:
-        raise UserError(f"{study_path}: base.include: {exc}") from None
+    except BifocalError as exc:
+        raise BifocalError(f"{study_path}: base.include: {exc}") from None
 
 
 def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None,
@@ -129,27 +130,21 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     """Read and validate a study (a preset name or a YAML path), `--set`, `--schemes` and
     `--seeds` applied."""
     path = _preset_path(preset)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
     sets = []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         sets.append(f"base.{item}" if key.split(".")[0] in RUN_SECTIONS else item)
-    try:
-        raw = deep_merge(raw, parse_overrides(sets))
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
+    raw = deep_merge(raw, parse_overrides(sets))
     known = ("base", "schemes", "seeds", "overrides", "eval")
     for key in raw:
         if key not in known:
-            raise UserError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
+            raise BifocalError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
     ev = raw.get("eval") or {}
     fields = list(StudyEval.__dataclass_fields__)
     for key in ev:
         if key not in fields:
-            raise UserError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
+            raise BifocalError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
     base = _base_config(raw.get("base") or {}, path)
     study = Study(path=path, base=base, schemes=list(raw.get("schemes") or ["rope", "bifocal"]),
                   overrides=dict(raw.get("overrides") or {}), eval=StudyEval(**ev),
@@ -159,12 +154,12 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         study.schemes = [s.strip() for s in schemes.split(",") if s.strip()]
     for s in study.schemes:
         if s not in SCHEMES:
-            raise UserError(f"scheme {s!r}: one of {', '.join(SCHEMES)}")
+            raise BifocalError(f"scheme {s!r}: one of {', '.join(SCHEMES)}")
     for v in study.eval.scaling_variants:
         if v not in ROPE_SCALING_TYPES:
-            raise UserError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+            raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
     if not study.eval.length_multiples or any(int(m) < 1 for m in study.eval.length_multiples):
-        raise UserError(f"{path}: eval.length_multiples must be positive integers")
+        raise BifocalError(f"{path}: eval.length_multiples must be positive integers")
     return study
 
 
@@ -182,18 +177,18 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
 def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, name: str | None = None) -> Path:
     """Train one scheme (with one seed) with `bifocal train` in a subprocess into OUT/runs/<name>
     (skipped when finished, resumed when a checkpoint exists)."""
-    from bifocal.launcher import checkpoint
-    from bifocal.launcher.config import build_config
+    from bifocal.run import checkpoint
+    from bifocal.run.config import build_config
 
     name = name or scheme
     raw = study.run_config(scheme, seed)
     raw = deep_merge(raw, {"train": {"run_name": name}})
     try:
         cfg = build_config(raw)
-    except ConfigError as exc:
-        raise UserError(f"{study.path}: scheme {scheme}: {exc}") from None
+    except BifocalError as exc:
+        raise BifocalError(f"{study.path}: scheme {scheme}: {exc}") from None
     if cfg.model.position.scheme != scheme:
-        raise UserError(f"{study.path}: overrides.{scheme} must set model.position.scheme: {scheme}")
+        raise BifocalError(f"{study.path}: overrides.{scheme} must set model.position.scheme: {scheme}")
     cfg_path = out / "configs" / f"{name}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -215,7 +210,7 @@ def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, 
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not _finished(run_dir, cfg.train.max_steps):
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise UserError(f"training {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        raise BifocalError(f"training {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"[study] {name}: trained in {time.perf_counter() - t0:.0f} s, "
           f"val loss {summary.get('val_loss', float('nan')):.4f}", flush=True)
@@ -269,7 +264,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
                     print(f"[study] {scheme} {variant or ''}: result {path} is current, reusing it", flush=True)
                     paths.append(path)
                     continue
-            except ValueError:
+            except BifocalError:
                 pass
         if model is None:
             model, tokenizer = load_model(run_dir, device=ev.device)
@@ -282,8 +277,8 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
         rows = evaluate_perplexity(model, docs, lengths, max_docs=ev.max_docs, max_tokens=ev.max_tokens,
                                    batch_size=ev.batch_size, on_skip=skipped.__setitem__)
         if not rows:
-            raise UserError(f"{scheme}: no validation document in {prepared.path} has {max(lengths) + 1} tokens; "
-                            "lower eval.length_multiples")
+            raise BifocalError(f"{scheme}: no validation document in {prepared.path} has {max(lengths) + 1} tokens; "
+                               "lower eval.length_multiples")
         shown = f"{run_name} + {variant} x{factor:g}" if variant else run_name
         print(f"[study] {shown}: evaluated in {time.perf_counter() - t0:.0f} s\n{format_table(rows, train_len)}",
               flush=True)
@@ -328,7 +323,7 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
 
 def main(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+        raise BifocalError(f"--seeds must be >= 1, got {args.seeds}")
     study = load_study(args.preset, args.overrides, args.schemes, args.seeds)
     run_study(study, args.out)
     return 0

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 
 from .results import EvalResult
 
@@ -29,7 +29,7 @@ SCHEMES = ("rope", "bifocal", "spectral", "pope")
 def task_config(task: str) -> Path:
     path = REPO / "configs" / "tasks" / f"{task}.yaml"
     if not path.is_file():
-        raise UserError(f"no task config {path}")
+        raise BifocalError(f"no task config {path}")
     return path
 
 
@@ -43,8 +43,8 @@ def _finished_step(run_dir: Path) -> int | None:
 def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides: list[str],
                  seed: int | None = None, name: str | None = None) -> Path:
     """Train (or finish) OUT/runs/<name>; a run that already reached `steps` is left as is."""
-    from bifocal.launcher.checkpoint import complete_checkpoints
-    from bifocal.launcher.config import load_config
+    from bifocal.run.checkpoint import complete_checkpoints
+    from bifocal.run.config import load_config
 
     name = name or scheme
     cfg_path = task_config(task)
@@ -71,14 +71,14 @@ def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
-        raise UserError(f"training {name} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
+        raise BifocalError(f"training {name} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
     return run_dir
 
 
 def modulus_of(task: str, overrides: list[str]) -> int | None:
     if task != "modular":
         return None
-    from bifocal.launcher.config import load_config
+    from bifocal.run.config import load_config
 
     src = load_config(task_config(task), overrides).data.sources[0].synthetic or {}
     from bifocal.data_pipeline.synthetic import DEFAULTS
@@ -110,7 +110,7 @@ def seed_runs(task: str, schemes: list[str], seeds: int, overrides: list[str]) -
     """(scheme, training seed or None, run name): one run per scheme, or per scheme and seed."""
     if seeds <= 1:
         return [(s, None, s) for s in schemes]
-    from bifocal.launcher.config import load_config
+    from bifocal.run.config import load_config
 
     first = load_config(task_config(task), overrides).train.seed
     return [(s, first + i, f"{s}-s{first + i}") for s in schemes for i in range(seeds)]
@@ -151,12 +151,12 @@ def main(args: argparse.Namespace) -> int:
     schemes = [s.strip() for s in (args.schemes or ",".join(SCHEMES)).split(",") if s.strip()]
     bad = [s for s in schemes if s not in ("rope", "bifocal", "spectral", "pope", "nope")]
     if bad or not schemes:
-        raise UserError(f"--schemes: unknown scheme(s) {', '.join(bad) or '(none)'}; "
-                        f"choose from rope, bifocal, spectral, pope, nope")
+        raise BifocalError(f"--schemes: unknown scheme(s) {', '.join(bad) or '(none)'}; "
+                           f"choose from rope, bifocal, spectral, pope, nope")
     if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
+        raise BifocalError(f"--steps must be >= 1, got {args.steps}")
     if args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+        raise BifocalError(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out or f"runs/study-tasks-{args.task}")
     paths = run_study(args.task, schemes, out, args.steps, args.n, args.seed, list(args.overrides), args.seeds)
     print(paths["markdown"].read_text())

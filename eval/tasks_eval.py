@@ -132,9 +132,9 @@ def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: 
     from .loading import load_model
 
     if n < 1:
-        from bifocal.launcher.errors import UserError
+        from bifocal.core.errors import BifocalError
 
-        raise UserError(f"--n must be >= 1, got {n}")
+        raise BifocalError(f"--n must be >= 1, got {n}")
     model, tok = load_model(model_path, device=device)
     rows = evaluate_task(model, tok, task, n, seed, training_params(model_path, task))
     result = EvalResult(kind="tasks", model=model_name(model_path), scheme=model_scheme(model), rows=rows,

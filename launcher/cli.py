@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from bifocal.launcher.errors import UserError  # noqa: F401  (re-exported for handlers)
+from bifocal.core.errors import BifocalError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return int(_resolve(args.handler)(args) or 0)
-    except UserError as exc:
+    except BifocalError as exc:
         print(f"bifocal: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from . import checkpoint
-from .errors import UserError
-from .metrics import read_metrics
+from bifocal.core.errors import BifocalError
+from bifocal.run import checkpoint
+from bifocal.run.metrics import read_metrics
 
 
 def card_extras(run_dir: Path, step: int) -> dict[str, Any]:
@@ -32,17 +32,17 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
                max_shard_size: str = "2GB") -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out (nothing was overwritten)")
+        raise BifocalError(f"{out} already exists and is not empty; choose another --out (nothing was overwritten)")
     found = checkpoint.latest_checkpoint(run_dir, step)
     if found is None:
-        raise UserError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in {run_dir}")
+        raise BifocalError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in {run_dir}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if (run_dir / "init_from_hf.json").is_file():
             _export_spectralized(run_dir, found[1], tmp, dtype)
         else:
-            from bifocal.eval.hf_io import save_hf
+            from bifocal.model.hf.hf_io import save_hf
 
             model, _ = checkpoint.load_run_model(run_dir, step=found[0])
             save_hf(model, run_dir / "tokenizer", tmp, dtype=dtype, max_shard_size=max_shard_size,
@@ -61,7 +61,7 @@ def _export_spectralized(run_dir: Path, ckpt: Path, out: Path, dtype: str) -> No
     the consolidated weights, and save it back in Hugging Face format."""
     import torch
 
-    from bifocal.eval.hf_io import write_tokenizer
+    from bifocal.model.hf.hf_io import write_tokenizer
     from bifocal.model.surgery import load_spectralized
 
     info = json.loads((run_dir / "init_from_hf.json").read_text())

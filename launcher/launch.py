@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from .errors import UserError
+from bifocal.core.errors import BifocalError
 
 
 def build_command(launcher_args: list[str]) -> list[str]:
@@ -28,7 +28,7 @@ def build_command(launcher_args: list[str]) -> list[str]:
     if train_args and train_args[0] == "train":
         train_args = train_args[1:]
     if "--module" in ds_args:
-        raise UserError("bifocal launch adds --module itself; pass only launcher options before `--`")
+        raise BifocalError("bifocal launch adds --module itself; pass only launcher options before `--`")
     return [sys.executable, "-u", "-m", "deepspeed.launcher.runner", *ds_args, "--module",
             "bifocal.launcher.cli", "train", *train_args]
 

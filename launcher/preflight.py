@@ -12,9 +12,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, safe_load
-from .config import RunConfig, load_config
-from .errors import UserError
+from bifocal.core.errors import BifocalError
+from bifocal.run import checkpoint, safe_load
+from bifocal.run.config import RunConfig, load_config
 
 # What a checkpoint cannot follow: the model's shape and position scheme, the data and its order,
 # and how DeepSpeed laid out the saved states. Everything else (schedule, optimizer
@@ -53,24 +53,23 @@ def check_resume(run_dir: Path, cfg: RunConfig, data, from_hf: bool) -> list[tup
 
         recorded = load_tokenizer(run_dir / "tokenizer").hash
     if recorded is not None and recorded != data.tokenizer_hash:
-        raise UserError(f"{data.path} was prepared with another tokenizer than the run {run_dir} "
-                        f"(hash {data.tokenizer_hash[:12]} != {recorded[:12]}); resume with the run's own data "
-                        f"(nothing was written)")
+        raise BifocalError(f"{data.path} was prepared with another tokenizer than the run {run_dir} "
+                           f"(hash {data.tokenizer_hash[:12]} != {recorded[:12]}); resume with the run's own data "
+                           f"(nothing was written)")
     if not (run_dir / "config.yaml").is_file():
         return []
     changes = config_changes(load_config(run_dir / "config.yaml"), cfg)
     frozen = [c for c in changes if c[0].startswith(FROZEN_ON_RESUME) and not (from_hf and c[0].startswith("model."))]
     if frozen:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen[:3]) + (" ..." if len(frozen) > 3 else "")
-        raise UserError(f"--resume cannot change {shown}: the checkpoint in {run_dir} was trained with the "
-                        f"first value; start a new run for that (nothing was written)")
+        raise BifocalError(f"--resume cannot change {shown}: the checkpoint in {run_dir} was trained with the "
+                           f"first value; start a new run for that (nothing was written)")
     return changes
 
 
 def check_validation(cfg: RunConfig, data, rank: int, world: int) -> bool:
     """Whether the run validates: data.val_fraction=0 asks for no validation (a warning); otherwise
     the validation split must hold at least one window, checked before step 1."""
-    from bifocal.data_pipeline.errors import DataError
     from bifocal.data_pipeline.loader import WindowSampler
 
     if cfg.data.val_fraction == 0:
@@ -81,9 +80,9 @@ def check_validation(cfg: RunConfig, data, rank: int, world: int) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sources too small for a window: reported below if none fits
             WindowSampler(data, "val", cfg.train.seq_len, cfg.train.micro_batch, rank=rank, world_size=world)
-    except DataError:
-        raise UserError(f"{data.path} has {data.num_tokens('val') if 'val' in data.splits else 0} validation "
-                        f"tokens, not one window of seq_len + 1 = {cfg.train.seq_len + 1} in any source; add "
-                        f"documents, raise data.val_fraction, or set data.val_fraction=0 to train without "
-                        f"validation (nothing was written)") from None
+    except BifocalError:
+        raise BifocalError(f"{data.path} has {data.num_tokens('val') if 'val' in data.splits else 0} validation "
+                           f"tokens, not one window of seq_len + 1 = {cfg.train.seq_len + 1} in any source; add "
+                           f"documents, raise data.val_fraction, or set data.val_fraction=0 to train without "
+                           f"validation (nothing was written)") from None
     return True

@@ -19,18 +19,14 @@ from pathlib import Path
 
 import torch
 
-from bifocal.data_pipeline.errors import DataError
-from bifocal.model.config import ConfigError
+from bifocal.core.errors import BifocalError
 
-from . import checkpoint, distributed as dist, preflight
-from .errors import UserError
-from .config import RunConfig, deepspeed_config, load_config, save_config
-from .metrics import MetricsLogger, drop_rows_after, plot_loss, spectral_snapshot
-from .run_lock import RunLock
+from bifocal.run import checkpoint, distributed as dist
+from bifocal.run.config import RunConfig, deepspeed_config, load_config, save_config
+from bifocal.run.metrics import MetricsLogger, drop_rows_after, plot_loss, spectral_snapshot
+from bifocal.run.run_lock import RunLock
 
-
-class TrainingError(UserError):
-    """A run stopped for a reason the user must act on (NaN loss, mismatched data...)."""
+from . import preflight
 
 
 def lr_lambda(cfg: RunConfig):
@@ -67,10 +63,10 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     if dist.rank() == 0:
         try:
             lock.acquire()
-        except UserError as exc:
+        except BifocalError as exc:
             refused = exc
     if dist.all_reduce_sum([1.0 if refused else 0.0])[0]:
-        raise refused or UserError(f"run directory {run_dir} is in use (rank 0 could not lock it)")
+        raise refused or BifocalError(f"run directory {run_dir} is in use (rank 0 could not lock it)")
     return lock
 
 
@@ -112,10 +108,10 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     has_ckpt = bool(checkpoint.complete_checkpoints(run_dir))
     if not resume and (has_ckpt or (run_dir / "metrics.jsonl").exists()):
-        raise UserError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
-                        f"or choose another train.run_name / --run-dir (nothing was overwritten)")
+        raise BifocalError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                           f"or choose another train.run_name / --run-dir (nothing was overwritten)")
     if resume and not has_ckpt and (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        raise BifocalError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
 
 
 def prepare_data(cfg: RunConfig):
@@ -141,7 +137,7 @@ def hf_source(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> dict |
         return None
     path = Path(args.init_from_hf)
     if not (path / "config.json").is_file():
-        raise UserError(f"--init-from-hf: {path} is not a Hugging Face model directory (no config.json)")
+        raise BifocalError(f"--init-from-hf: {path} is not a Hugging Face model directory (no config.json)")
     pos = cfg.model.position
     heads = pos.spectral_heads if pos.scheme == "bifocal" else None
     return {"path": str(path.resolve()), "spectral_heads": heads, "phase_init_std": pos.phase_init_std}
@@ -156,11 +152,11 @@ def build_model(cfg: RunConfig, data, hf: dict | None):
                                       phase_init_std=hf["phase_init_std"],
                                       spectral_lr_mult=cfg.model.position.spectral_lr_mult)
         except (OSError, ValueError) as exc:  # no safetensors weights, a config transformers rejects...
-            raise UserError(f"--init-from-hf {hf['path']}: {str(exc).strip().splitlines()[0]}") from None
+            raise BifocalError(f"--init-from-hf {hf['path']}: {str(exc).strip().splitlines()[0]}") from None
         if model.cfg.vocab_size < data.vocab_size:
-            raise UserError(f"{hf['path']} has {model.cfg.vocab_size} tokens but the data in {data.path} was "
-                            f"prepared with a {data.vocab_size}-token tokenizer; set data.tokenizer.path to the "
-                            f"model's tokenizer")
+            raise BifocalError(f"{hf['path']} has {model.cfg.vocab_size} tokens but the data in {data.path} was "
+                               f"prepared with a {data.vocab_size}-token tokenizer; set data.tokenizer.path to the "
+                               f"model's tokenizer")
         return model
     from dataclasses import replace
 
@@ -169,8 +165,8 @@ def build_model(cfg: RunConfig, data, hf: dict | None):
     if cfg.vocab_from_data:
         cfg.model = replace(cfg.model, vocab_size=data.vocab_size)
     elif cfg.model.vocab_size < data.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                        f"{data.vocab_size} tokens in {data.path}")
+        raise BifocalError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"{data.vocab_size} tokens in {data.path}")
     torch.manual_seed(cfg.train.seed)
     return GPT(cfg.model)
 
@@ -261,8 +257,8 @@ def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device
         if latest is not None:
             state = checkpoint.load(engine, run_dir, latest[1])
             if state.get("tokenizer_hash") not in (None, data.tokenizer_hash):
-                raise TrainingError(f"{data.path} was prepared with another tokenizer than the run "
-                                    f"{run_dir} (hash {data.tokenizer_hash[:12]} != {state['tokenizer_hash'][:12]})")
+                raise BifocalError(f"{data.path} was prepared with another tokenizer than the run "
+                                   f"{run_dir} (hash {data.tokenizer_hash[:12]} != {state['tokenizer_hash'][:12]})")
             sampler.load_state_dict(state["sampler"])
             step = int(state["step"])
             if changes:
@@ -321,8 +317,8 @@ def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device
             if bad:
                 where = f"last good checkpoint: {last_ckpt[1]}" if last_ckpt else "no checkpoint was written"
                 if cfg.train.on_nan == "stop":
-                    raise TrainingError(f"loss is not finite (nan/inf) at step {step}; stopping ({where}; "
-                                        f"it was not overwritten). Lower optim.lr or set train.on_nan=skip")
+                    raise BifocalError(f"loss is not finite (nan/inf) at step {step}; stopping ({where}; "
+                                       f"it was not overwritten). Lower optim.lr or set train.on_nan=skip")
                 engine.zero_grad()
                 if is_main:
                     print(f"bifocal: warning: non-finite loss at step {step}, step skipped", flush=True)
@@ -389,8 +385,5 @@ def summarize(run_dir: Path, step: int, val_loss: float | None, seq_len: int) ->
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        run(args)
-    except (ConfigError, DataError) as exc:
-        raise UserError(str(exc)) from None
+    run(args)
     return 0

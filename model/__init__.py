@@ -1,7 +1,7 @@
-"""bifocal.model: the GPT with bifocal attention and its position schemes. Imports nothing else
-of the project."""
+"""bifocal.model: the GPT with bifocal attention and its position schemes. Imports nothing of the
+project but `bifocal.core`."""
 
-from .config import ConfigError, GPTConfig, PositionConfig, RopeScaling, from_dict
+from .config import GPTConfig, PositionConfig, RopeScaling
 from .gpt import GPT, KVCache
 
-__all__ = ["GPT", "GPTConfig", "PositionConfig", "RopeScaling", "KVCache", "ConfigError", "from_dict"]
+__all__ = ["GPT", "GPTConfig", "PositionConfig", "RopeScaling", "KVCache"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bifocal.launcher.config import CONFIG_DIR, deepspeed_config, load_config
+from bifocal.run.config import CONFIG_DIR, deepspeed_config, load_config
 
 RUN_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name in ("configs", "gpu", "tasks"))
 SIZES = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9}

@@ -1,4 +1,4 @@
-"""Bad input gives one clear DataError line (or a counted warning), never a half-written directory."""
+"""Bad input gives one clear BifocalError line (or a counted warning), never a half-written directory."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from bifocal.data_pipeline.errors import DataError
+from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData, iter_documents
-from bifocal.data_pipeline.prepare import DataWarning, prepare
+from bifocal.data_pipeline.prepare import prepare
+from bifocal.data_pipeline.shards import DataWarning
 from bifocal.data_pipeline.sources import _clean
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
@@ -44,7 +45,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError) as exc:
+    with pytest.raises(BifocalError) as exc:
         prepare(cfg_for(tmp_path / "nope.jsonl.gz"), tmp_path / "out")
     assert "source 's0': file not found" in one_line(exc) and "nope.jsonl.gz" in one_line(exc)
     assert_nothing_written(tmp_path / "out")
@@ -55,7 +56,7 @@ def test_missing_file(tmp_path):
 def test_empty_source(tmp_path, lines):
     good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x"), doc(TEXT[::-1], "y")])
     empty = jsonl_gz(tmp_path / "empty.jsonl.gz", lines)
-    with pytest.raises(DataError) as exc:
+    with pytest.raises(BifocalError) as exc:
         prepare(cfg_for(good, empty), tmp_path / "out")
     assert "source 's1': no documents with text in" in one_line(exc) and "empty.jsonl.gz" in one_line(exc)
     assert_nothing_written(tmp_path / "out")
@@ -63,7 +64,7 @@ def test_empty_source(tmp_path, lines):
 
 def test_missing_text_field(tmp_path):
     path = jsonl_gz(tmp_path / "f.jsonl.gz", [b'{"source": "a", "content": "hello"}'])
-    with pytest.raises(DataError) as exc:
+    with pytest.raises(BifocalError) as exc:
         prepare(cfg_for(path), tmp_path / "out")
     msg = one_line(exc)
     assert "f.jsonl.gz" in msg and "no field 'text'" in msg and "content" in msg
@@ -74,7 +75,7 @@ def test_failure_in_a_later_source_leaves_no_directory(tmp_path):
     good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x"), doc(TEXT[::-1], "y")])
     # the bad row comes after a good one, so tokenizing has started when it fails
     bad = jsonl_gz(tmp_path / "bad.jsonl.gz", [doc(TEXT, "z"), b'{"source": "w", "text": 5}'])
-    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: document 1 has a non-string \(int\) value"):
+    with pytest.raises(BifocalError, match=r"bad\.jsonl\.gz: document 1 has a non-string \(int\) value"):
         prepare(cfg_for(good, bad), tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -82,7 +83,7 @@ def test_failure_in_a_later_source_leaves_no_directory(tmp_path):
 def test_corrupt_gzip(tmp_path):
     path = tmp_path / "broken.jsonl.gz"
     path.write_bytes(gzip.compress(doc(TEXT, "a") + b"\n" * 3)[:-20])
-    with pytest.raises(DataError, match=r"broken\.jsonl\.gz: cannot (open|read) \(EOFError"):
+    with pytest.raises(BifocalError, match=r"broken\.jsonl\.gz: cannot (open|read) \(EOFError"):
         prepare(cfg_for(path), tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -100,7 +101,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 
 def test_not_a_prepared_directory(tmp_path):
-    with pytest.raises(DataError, match="not a prepared data directory, no meta.json"):
+    with pytest.raises(BifocalError, match="not a prepared data directory, no meta.json"):
         PreparedData(tmp_path)
 
 
@@ -115,14 +116,14 @@ def test_not_a_prepared_directory(tmp_path):
     (lambda: DataConfig(sources=[SourceConfig(name="a", path="x"), SourceConfig(name="a", path="y")]), "unique"),
 ])
 def test_config_validation(make, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(BifocalError, match=match):
         make()
 
 
 def test_lone_surrogate_escape(tmp_path):
     # pyarrow's JSON reader rejects a lone "\ud800" escape: a clear error naming the file and row
     path = jsonl_gz(tmp_path / "s.jsonl.gz", [doc(TEXT, "a"), b'{"source": "b", "text": "half a pair \\ud800 here"}'])
-    with pytest.raises(DataError) as exc:
+    with pytest.raises(BifocalError) as exc:
         prepare(cfg_for(path), tmp_path / "out")
     assert "s.jsonl.gz: cannot read" in one_line(exc) and "surrogate" in one_line(exc)
     # text from other readers (synthetic, hub) is cleaned instead: surrogates become U+FFFD, counted
@@ -134,7 +135,7 @@ def test_missing_tokenizer_path(tmp_path):
     good = jsonl_gz(tmp_path / "good.jsonl.gz", [doc(TEXT, "x")])
     cfg = cfg_for(good)
     cfg.tokenizer.path = str(tmp_path / "nope" / "tokenizer.json")
-    with pytest.raises(DataError, match="tokenizer.path: tokenizer file not found: .*nope/tokenizer.json"):
+    with pytest.raises(BifocalError, match="tokenizer.path: tokenizer file not found: .*nope/tokenizer.json"):
         prepare(cfg, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -144,7 +145,7 @@ def test_existing_non_data_directory_is_refused_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="exists and is not a prepared data directory"):
+    with pytest.raises(BifocalError, match="exists and is not a prepared data directory"):
         prepare(cfg_for(good), out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()  # an empty folder is filled

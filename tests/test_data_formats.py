@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from bifocal.data_pipeline.errors import DataError
+from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData
 from bifocal.data_pipeline.sources import read_source
 
@@ -54,7 +54,7 @@ def test_txt_folder_one_document_per_file(inputs):
 
 def test_parquet_with_text_field(inputs):
     assert texts(SourceConfig(name="p", path=str(inputs["parquet"]), text_field="content")) == collections.Counter(PROSE)
-    with pytest.raises(DataError, match=r"prose\.parquet: document 0 has no field 'text' \(fields: id, content\)"):
+    with pytest.raises(BifocalError, match=r"prose\.parquet: document 0 has no field 'text' \(fields: id, content\)"):
         texts(SourceConfig(name="p", path=str(inputs["parquet"])))
 
 
@@ -68,14 +68,14 @@ def test_code_tree_glob_and_max_documents(inputs):
     assert texts(src) == collections.Counter(CODE)  # README.txt is not matched
     assert len(list(read_source(SourceConfig(name="tree", path=str(inputs["tree"]), glob="**/*.py",
                                              max_documents=2)))) == 2
-    with pytest.raises(DataError, match=r"no files match glob '\*\*/\*\.rs'"):
+    with pytest.raises(BifocalError, match=r"no files match glob '\*\*/\*\.rs'"):
         texts(SourceConfig(name="tree", path=str(inputs["tree"]), glob="**/*.rs"))
 
 
 def test_hub_streaming_path_with_a_local_dataset_folder(inputs):
     # hf_dataset goes through load_dataset(name, config, split=..., streaming=True), as for the hub
     assert texts(SourceConfig(name="h", hf_dataset=str(inputs["hub"]))) == collections.Counter(CODE)
-    with pytest.raises(DataError, match=r"source 'h': dataset .*: cannot open"):
+    with pytest.raises(BifocalError, match=r"source 'h': dataset .*: cannot open"):
         texts(SourceConfig(name="h", hf_dataset=str(inputs["hub"]), split="nosuchsplit"))
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig, load_data_config
-from bifocal.data_pipeline.errors import DataError
+from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData, WindowSampler, iter_documents
 from bifocal.data_pipeline.prepare import is_prepared, prepare
 from bifocal.data_pipeline.tokenizer import load_tokenizer
@@ -119,7 +119,7 @@ def test_different_config_refuses_existing_dir_untouched(prepared, corpora):
     snapshot = {p.name: p.read_bytes() for p in prepared.path.iterdir()}
     cfg = small_cfg(corpora)
     cfg.val_fraction = 0.3
-    with pytest.raises(DataError, match="exists and was prepared from a different config"):
+    with pytest.raises(BifocalError, match="exists and was prepared from a different config"):
         prepare(cfg, prepared.path)
     assert {p.name: p.read_bytes() for p in prepared.path.iterdir()} == snapshot
 
@@ -164,7 +164,7 @@ def test_resume_gives_identical_next_batches(prepared):
     b.load_state_dict(state)
     for (xe, ye), (xb, yb) in zip(expected, [b.next_batch() for _ in range(2)]):
         assert torch.equal(xe, xb) and torch.equal(ye, yb)
-    with pytest.raises(DataError, match="seed"):
+    with pytest.raises(BifocalError, match="seed"):
         WindowSampler(prepared, "train", seq_len=20, micro_batch=4, seed=12).load_state_dict(state)
 
 
@@ -183,7 +183,7 @@ def test_iter_documents_whole_docs_above_min_tokens(prepared):
 def test_tokenizer_mismatch(prepared, corpora, tmp_path):
     prepared.check_tokenizer(prepared.tokenizer_hash)
     other = prepare(small_cfg(corpora, vocab_size=600), tmp_path / "v600")
-    with pytest.raises(DataError, match=r"was prepared with tokenizer \w+, the run uses \w+"):
+    with pytest.raises(BifocalError, match=r"was prepared with tokenizer \w+, the run uses \w+"):
         prepared.check_tokenizer(load_tokenizer(other).hash)
 
 
@@ -191,11 +191,11 @@ def test_truncated_shard(prepared, tmp_path):
     bad = Path(shutil.copytree(prepared.path, tmp_path / "copy"))
     shard = bad / "austen.train.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
-    with pytest.raises(DataError, match=r"austen\.train\.bin: truncated shard"):
+    with pytest.raises(BifocalError, match=r"austen\.train\.bin: truncated shard"):
         PreparedData(bad)
     (bad / "code.val.idx").unlink()
     shard.unlink()
-    with pytest.raises(DataError, match="shard missing"):
+    with pytest.raises(BifocalError, match="shard missing"):
         PreparedData(bad)
 
 
@@ -203,7 +203,7 @@ def test_foreign_shard(prepared, corpora, tmp_path):
     twin = prepare(small_cfg(corpora), tmp_path / "twin")  # same content, different run id
     bad = Path(shutil.copytree(prepared.path, tmp_path / "copy"))
     shutil.copy(twin / "code.train.bin", bad / "code.train.bin")
-    with pytest.raises(DataError, match=r"code\.train\.bin: foreign shard"):
+    with pytest.raises(BifocalError, match=r"code\.train\.bin: foreign shard"):
         PreparedData(bad)
 
 
@@ -235,7 +235,7 @@ def test_val_guaranteed_for_sources_with_two_documents(tmp_path):
 
 
 def test_configs_load_with_the_strict_loader():
-    from bifocal.model.config import from_dict
+    from bifocal.core.config import from_dict
 
     for name, vocab in (("demo", 4096), ("large", 16384)):
         path = REPO / "configs" / "data" / f"{name}.yaml"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bifocal.launcher.checkpoint import consolidated_state_dict, latest_checkpoint, load_run_model
+from bifocal.run.checkpoint import consolidated_state_dict, latest_checkpoint, load_run_model
 
 from conftest import free_port, run_cli
 

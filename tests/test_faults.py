@@ -108,16 +108,16 @@ def test_truncated_checkpoint_file_is_one_line(zero1_run, tmp_path):
 def test_safe_load_refuses_payload_in_process(tmp_path):
     """The restricted loader itself: a payload is refused before any code of it runs, while a real
     DeepSpeed-free state dict loads."""
-    from bifocal.launcher import safe_load
-    from bifocal.launcher.errors import UserError
+    from bifocal.run import safe_load
+    from bifocal.core.errors import BifocalError
 
     marker = tmp_path / "PWNED"
     for form in ("torch", "pickle"):
         bad = tmp_path / f"bad-{form}.pt"
         write_payload(bad, marker, form)
-        with pytest.raises(UserError, match="refused"):
+        with pytest.raises(BifocalError, match="refused"):
             safe_load.load(bad)
-        with pytest.raises(UserError, match="refused"):
+        with pytest.raises(BifocalError, match="refused"):
             safe_load.verify([bad])
     assert not marker.exists()
     good = tmp_path / "good.pt"
@@ -225,12 +225,12 @@ def test_shard_corrupted_in_place_is_one_line(zero1_run, tiny_config, tmp_path, 
     assert "austen.val.bin" in line and "corrupted" in line
     assert not (tmp_path / "ppl.json").exists()
     # Training draws windows from the damaged train shard: the same line, before any step runs.
-    from bifocal.data_pipeline.errors import DataError
+    from bifocal.core.errors import BifocalError
     from bifocal.data_pipeline.loader import WindowSampler
 
     corrupt_in_place(copy / "code.train.bin")
     sampler = WindowSampler(copy, "train", seq_len=16, micro_batch=8, seed=0)
-    with pytest.raises(DataError, match="code.train.bin.*outside the 512-token vocabulary"):
+    with pytest.raises(BifocalError, match="code.train.bin.*outside the 512-token vocabulary"):
         for _ in range(4):
             sampler.next_batch()
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bifocal.data_pipeline.errors import DataError
+from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData, WindowSampler, iter_documents
-from bifocal.launcher.config import SECTIONS, RunConfig, load_config
-from bifocal.model.config import ConfigError, PositionConfig
+from bifocal.run.config import SECTIONS, RunConfig, load_config
+from bifocal.model.config import PositionConfig
 
 from tiny_models import prepared_task_data
 
@@ -52,7 +52,7 @@ configs = st.fixed_dictionaries({}, optional={**{name: section(name) for name in
 def loads_or_one_line_error(path: Path, overrides: list[str] | None = None) -> None:
     try:
         cfg = load_config(path, overrides)
-    except ConfigError as exc:
+    except BifocalError as exc:
         assert "\n" not in str(exc) and str(exc)
         return
     assert isinstance(cfg, RunConfig)
@@ -106,7 +106,7 @@ def reads_or_one_line_error(path: Path) -> None:
                     sampler.next_batch()
             for _ in iter_documents(data, "val"):
                 pass
-    except DataError as exc:
+    except BifocalError as exc:
         assert "\n" not in str(exc) and str(exc)
 
 

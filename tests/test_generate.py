@@ -12,7 +12,7 @@ import torch
 from bifocal.data_pipeline.config import TokenizerConfig
 from bifocal.data_pipeline.tokenizer import train_tokenizer
 from bifocal.eval.generate import filter_logits, generate
-from bifocal.eval.hf_io import save_hf
+from bifocal.model.hf.hf_io import save_hf
 from bifocal.launcher.cli import main as cli
 from bifocal.model import GPT, GPTConfig
 from conftest import perturb_position_params

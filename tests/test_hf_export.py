@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from bifocal.data_pipeline.config import TokenizerConfig
 from bifocal.data_pipeline.tokenizer import train_tokenizer
 from bifocal.eval.generate import generate
-from bifocal.eval.hf_io import load_exported, load_native_state_dict_into_hf, load_tokenizer, save_hf
+from bifocal.model.hf.hf_io import load_exported, load_native_state_dict_into_hf, load_tokenizer, save_hf
 from bifocal.model import GPT, GPTConfig
 from conftest import perturb_position_params
 

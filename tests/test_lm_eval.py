@@ -22,7 +22,7 @@ def test_lm_eval_loglikelihood_matches_native(tiny_config, tmp_path, monkeypatch
     from lm_eval.tasks import TaskManager
 
     from bifocal.data_pipeline.loader import PreparedData
-    from bifocal.eval.hf_io import save_hf
+    from bifocal.model.hf.hf_io import save_hf
     from bifocal.model import GPT, GPTConfig
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bifocal.model import GPT, ConfigError, GPTConfig, RopeScaling
+from bifocal.core.errors import BifocalError
+from bifocal.model import GPT, GPTConfig, RopeScaling
 from bifocal.model.position import PositionContext, make_context, scaled_inv_freq
 from bifocal.model.position.pope import PolarPosition, pope_freqs
 
@@ -289,7 +290,7 @@ def test_loss_falls_on_a_periodic_sequence(scheme):
     ({"n_head": 4, "n_kv_head": 3}, "n_kv_head=3"),
 ])
 def test_invalid_configs_name_key_value_and_allowed(bad, needle):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(BifocalError) as err:
         GPTConfig.from_dict({"d_model": 32, **bad})
     assert needle in str(err.value) and "\n" not in str(err.value)
 
@@ -312,5 +313,5 @@ def test_log_frequency_parametrisation():
     assert torch.allclose(pos.omega / theta, torch.full_like(theta, math.exp(0.1)))
     assert torch.equal(model("spectral", position={"omega_param": "log"}).to(torch.bfloat16).blocks[0].attn.position.omega[0],
                        1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
-    with pytest.raises(ConfigError, match="omega_param='exp'"):
+    with pytest.raises(BifocalError, match="omega_param='exp'"):
         tiny("spectral", position={"omega_param": "exp"})

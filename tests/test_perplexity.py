@@ -15,7 +15,7 @@ from bifocal.eval.perplexity import (PerplexityWarning, apply_scaling, evaluate_
                                      plan_windows)
 from bifocal.eval.results import load
 from bifocal.launcher import cli
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 from bifocal.model.config import GPTConfig
 
@@ -186,5 +186,5 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
     args = argparse.Namespace(model=str(run_dir), data=None, lengths="100000,200000", stride=None,
                               rope_scaling=None, factor=None, max_docs=None, max_tokens=None, batch_size=1,
                               device="cpu", out=str(tmp_path / "x.json"))
-    with pytest.raises(UserError, match="no length"):
+    with pytest.raises(BifocalError, match="no length"):
         main(args)

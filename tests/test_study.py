@@ -9,7 +9,7 @@ import pytest
 
 from bifocal.eval.results import load
 from bifocal.eval.study import evaluations, load_study
-from bifocal.launcher.errors import UserError
+from bifocal.core.errors import BifocalError
 
 from conftest import run_cli
 
@@ -58,11 +58,11 @@ def test_second_run_reuses_finished_runs_and_results(study):
 def test_study_file_validation(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: {include: " + str(tmp_path / "nope.yaml") + "}\nschemes: [rope]\nevals: {}\n")
-    with pytest.raises(UserError, match="did you mean `eval`"):
+    with pytest.raises(BifocalError, match="did you mean `eval`"):
         load_study(str(bad))
-    with pytest.raises(UserError, match="unknown study preset"):
+    with pytest.raises(BifocalError, match="unknown study preset"):
         load_study("no-such-preset")
-    with pytest.raises(UserError, match="scheme 'alibi'"):
+    with pytest.raises(BifocalError, match="scheme 'alibi'"):
         load_study("smoke", schemes="rope,alibi")
     s = load_study("cpu", ["train.max_steps=7", "eval.max_tokens=99"], "rope")
     assert s.base["train"]["max_steps"] == 7 and s.eval.max_tokens == 99 and s.schemes == ["rope"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from bifocal.model import ConfigError
+from bifocal.core.errors import BifocalError
 from bifocal.model.surgery import CausalLMAdapter, load_spectralized, spectral_param_groups, spectralize
 
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -59,7 +59,7 @@ def test_identity_at_init_and_active_afterwards(family):
 
 
 def test_spectral_heads_respect_gqa_groups():
-    with pytest.raises(ConfigError, match="GQA group"):
+    with pytest.raises(BifocalError, match="GQA group"):
         spectralize(build("llama"), spectral_heads=1)
     model = spectralize(build("llama", num_key_value_heads=1), phase_init_std=0.0)
     assert model.model.layers[0].self_attn.position.amplitude.shape[0] == 4  # one whole group of 4

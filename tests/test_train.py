@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bifocal.launcher import checkpoint
-from bifocal.launcher.config import load_config
-from bifocal.model.config import ConfigError
+from bifocal.run import checkpoint
+from bifocal.run.config import load_config
+from bifocal.core.errors import BifocalError
 
 from conftest import cli_env, free_port, run_cli
 
@@ -185,7 +185,7 @@ def test_nan_skip_mode_continues(tiny_config, tmp_path):
     ("data.tokenizer.type=wordpiece", "tokenizer.type='wordpiece'"),
 ])
 def test_bad_config_values_are_one_clear_error(override, needle):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(BifocalError) as err:
         load_config(None, [override])
     assert needle in str(err.value) and "\n" not in str(err.value)
 

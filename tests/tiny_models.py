@@ -10,7 +10,7 @@ import torch
 from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from bifocal.data_pipeline.prepare import prepare
 from bifocal.data_pipeline.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
-from bifocal.eval.hf_io import save_hf
+from bifocal.model.hf.hf_io import save_hf
 from bifocal.model import GPT, GPTConfig
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bifocal.model import GPT, GPTConfig
+from ..config import GPTConfig
+from ..gpt import GPT
 
 CONFIG = "config.json"
 BPE_FILE = "tokenizer.json"
@@ -132,7 +133,7 @@ def llama_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None) ->
 
 
 def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None) -> dict[str, Any]:
-    from bifocal.model.hf.configuration_bifocal import BifocalConfig
+    from .configuration_bifocal import BifocalConfig
 
     hf = BifocalConfig(bifocal=cfg.to_dict(), bos_token_id=None, eos_token_id=eos_id)
     hf.architectures = ["BifocalForCausalLM"]
@@ -312,7 +313,7 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
     if fmt == "llama":
         config = llama_config_dict(model.cfg, dtype, eos_id)
     else:
-        from bifocal.model.hf.export_code import write_code
+        from .export_code import write_code
 
         config = bifocal_config_dict(model.cfg, dtype, eos_id)
         write_code(out, CODE_ENTRIES)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bifocal.core.errors import BifocalError
+
 from . import distributed as dist, safe_load
-from .errors import UserError
 
 MARKER = "complete.json"
 
@@ -52,8 +53,8 @@ def marker_info(path: Path) -> dict[str, Any]:
         info = json.loads(marker.read_text())
         int(info["step"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"{marker}: damaged checkpoint marker (not the JSON bifocal writes); "
-                        f"delete that checkpoint directory to fall back to an older one") from None
+        raise BifocalError(f"{marker}: damaged checkpoint marker (not the JSON bifocal writes); "
+                           f"delete that checkpoint directory to fall back to an older one") from None
     return info
 
 
@@ -132,7 +133,7 @@ def to_universal(path: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "bifocal.launcher.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+    cmd = [sys.executable, "-m", "bifocal.run.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -152,7 +153,7 @@ def load(engine, run_dir: str | Path, path: Path) -> dict[str, Any]:
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
     if client_state is None:
-        raise UserError(f"DeepSpeed could not load the checkpoint at {path}")
+        raise BifocalError(f"DeepSpeed could not load the checkpoint at {path}")
     rng_path = path / f"rng_rank{dist.rank():05d}.pt"
     if rng_path.is_file():
         set_rng_state(safe_load.load(rng_path))
@@ -173,7 +174,7 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         files = sorted(path.glob("mp_rank_*_model_states.pt"))
         if not files:
-            raise UserError(f"no DeepSpeed model states in {path}")
+            raise BifocalError(f"no DeepSpeed model states in {path}")
         state = safe_load.load(files[0])["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -182,28 +183,27 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "
     """(GPT, tokenizer) from a run directory's newest (or `step`) complete checkpoint."""
     from bifocal.data_pipeline.tokenizer import load_tokenizer
     from bifocal.model import GPT
-    from bifocal.model.config import ConfigError
 
     from .config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a bifocal run directory (no config.yaml)")
+        raise BifocalError(f"{run_dir} is not a bifocal run directory (no config.yaml)")
     found = latest_checkpoint(run_dir, step)
     if found is None:
         which = f"at step {step}" if step is not None else "at all"
-        raise UserError(f"no complete checkpoint {which} in {checkpoint_dir(run_dir)}")
+        raise BifocalError(f"no complete checkpoint {which} in {checkpoint_dir(run_dir)}")
     try:
         cfg = load_config(run_dir / "config.yaml")
-    except ConfigError as exc:
-        raise UserError(f"{run_dir / 'config.yaml'}: {exc}") from None
+    except BifocalError as exc:
+        raise BifocalError(f"{run_dir / 'config.yaml'}: {exc}") from None
     if (run_dir / "init_from_hf.json").is_file():
-        raise UserError(f"{run_dir} continued a Hugging Face model: use `bifocal export` and load the export")
+        raise BifocalError(f"{run_dir} continued a Hugging Face model: use `bifocal export` and load the export")
     model = GPT(cfg.model)
     state = consolidated_state_dict(found[1])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"{found[1]}: weights do not fit {run_dir / 'config.yaml'} ({first})") from None
+        raise BifocalError(f"{found[1]}: weights do not fit {run_dir / 'config.yaml'} ({first})") from None
     return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer")

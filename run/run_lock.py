@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import UserError
+from bifocal.core.errors import BifocalError
 
 LOCK_NAME = ".lock"
 
@@ -74,8 +74,8 @@ class RunLock:
         if holder is None and not self.path.exists():
             return  # released meanwhile
         if holder is None:
-            raise UserError(f"{self.path}: unreadable run lock; if no bifocal process uses {self.run_dir}, "
-                            f"delete that file")
+            raise BifocalError(f"{self.path}: unreadable run lock; if no bifocal process uses {self.run_dir}, "
+                               f"delete that file")
         pid = holder.get("pid")
         if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or _alive(pid, holder.get("start")):
             self._refuse(holder)
@@ -86,8 +86,8 @@ class RunLock:
 
     def _refuse(self, holder: dict | None) -> None:
         who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
-        raise UserError(f"run directory {self.run_dir} is in use by {who} (lock {self.path}); wait for it to "
-                        f"finish, or delete the lock if that process is gone (nothing was written)")
+        raise BifocalError(f"run directory {self.run_dir} is in use by {who} (lock {self.path}); wait for it to "
+                           f"finish, or delete the lock if that process is gone (nothing was written)")
 
     def release(self) -> None:
         if not self._held:

@@ -9,7 +9,7 @@ bf16, and in DeepSpeed's fp16 loss-scaler code); anything else is refused with o
 the file. DeepSpeed's own loads then run with `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1` under the same
 allowlist, so they are restricted too.
 
-`python -m bifocal.launcher.safe_load MODULE ARGS...` runs a DeepSpeed tool (the universal
+`python -m bifocal.run.safe_load MODULE ARGS...` runs a DeepSpeed tool (the universal
 checkpoint converter) under the same restrictions.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import UserError
+from bifocal.core.errors import BifocalError
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -54,15 +54,15 @@ def _reason(exc: BaseException) -> str:
 
 def load(path: str | Path, mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` with the DeepSpeed allowlist, on the CPU; any
-    problem becomes a UserError naming the file."""
+    problem becomes a BifocalError naming the file."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint file missing") from None
+        raise BifocalError(f"{path}: checkpoint file missing") from None
     except Exception as exc:  # torch raises many types for damaged files; each is one line here
-        raise UserError(f"{path}: refused to load: {_reason(exc)}") from None
+        raise BifocalError(f"{path}: refused to load: {_reason(exc)}") from None
 
 
 def verify(paths: Iterable[str | Path]) -> None:

@@ -3,7 +3,6 @@ strict keys (an unknown key names the nearest valid one), and DeepSpeed config g
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -12,14 +11,17 @@ from typing import Any, Mapping
 
 import yaml
 
+from bifocal.core import config as core
+from bifocal.core.config import deep_merge, from_dict, nearest, parse_overrides
+from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.config import DataConfig
-from bifocal.data_pipeline.errors import DataError
-from bifocal.model.config import ConfigError, GPTConfig, from_dict, nearest
+from bifocal.model.config import GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 SECTIONS = ("model", "data", "train", "optim", "deepspeed", "eval")
+_WHAT = f"a mapping with sections {', '.join(SECTIONS)}"
 
 
 @dataclass
@@ -45,15 +47,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.activation_checkpointing, int) or self.activation_checkpointing < 0:
-            raise ConfigError(f"activation_checkpointing={self.activation_checkpointing!r} is invalid: "
-                              "0 (off), 1 (every block) or k (every k-th block)")
+            raise BifocalError(f"activation_checkpointing={self.activation_checkpointing!r} is invalid: "
+                               "0 (off), 1 (every block) or k (every k-th block)")
         for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: must be a positive integer")
+                raise BifocalError(f"{key}={getattr(self, key)!r} is invalid: must be a positive integer")
         if self.on_nan not in ("stop", "skip"):
-            raise ConfigError(f"on_nan={self.on_nan!r} is invalid: one of stop, skip")
+            raise BifocalError(f"on_nan={self.on_nan!r} is invalid: one of stop, skip")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={self.device!r} is invalid: one of auto, cpu, cuda")
+            raise BifocalError(f"device={self.device!r} is invalid: one of auto, cpu, cuda")
 
 
 @dataclass
@@ -68,11 +70,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr!r} is invalid: must be > 0")
+            raise BifocalError(f"lr={self.lr!r} is invalid: must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio!r} is invalid: must be in [0, 1]")
+            raise BifocalError(f"min_lr_ratio={self.min_lr_ratio!r} is invalid: must be in [0, 1]")
         if len(self.betas) != 2:
-            raise ConfigError(f"betas={self.betas!r} is invalid: two numbers")
+            raise BifocalError(f"betas={self.betas!r} is invalid: two numbers")
 
 
 @dataclass
@@ -86,11 +88,11 @@ class DeepSpeedSection:
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero_stage={self.zero_stage!r} is invalid: one of 0, 1, 2, 3")
+            raise BifocalError(f"zero_stage={self.zero_stage!r} is invalid: one of 0, 1, 2, 3")
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision={self.precision!r} is invalid: one of fp32, bf16, fp16")
+            raise BifocalError(f"precision={self.precision!r} is invalid: one of fp32, bf16, fp16")
         if self.offload_params and self.zero_stage != 3:
-            raise ConfigError("offload_params=True is invalid: parameter offload needs zero_stage 3")
+            raise BifocalError("offload_params=True is invalid: parameter offload needs zero_stage 3")
 
 
 @dataclass
@@ -118,46 +120,11 @@ class RunConfig:
         return out
 
 
-def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}."""
-    tree: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = tree
-        parts = str(key).strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: `{part}` was given a value and keys at once")
-        node[parts[-1]] = value
-    return tree
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`a.b=c` strings into a nested dict; values parsed as YAML (numbers, bools, lists)."""
-    dotted: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. train.max_steps=100")
-        key, raw = item.split("=", 1)
-        try:
-            dotted[key] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
-    return nest(dotted)
-
-
-def deep_merge(base: dict, update: Mapping) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _resolve_inputs(data: dict, base_dir: Path) -> None:
+def _relocate_inputs(raw: dict, base_dir: Path) -> None:
     """Input paths in a config file are relative to that file (outputs stay relative to cwd)."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
     for src in data.get("sources") or []:
         if isinstance(src, dict) and src.get("path") and not Path(src["path"]).is_absolute():
             src["path"] = str((base_dir / src["path"]).resolve())
@@ -166,41 +133,14 @@ def _resolve_inputs(data: dict, base_dir: Path) -> None:
         tok["path"] = str((base_dir / tok["path"]).resolve())
 
 
-def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML reports bad encodings itself
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}")
-    return expand(raw, path.parent, (*_including, path.resolve()))
+def read_yaml(path: str | Path) -> dict:
+    """A run config file with its `include:`s applied and the data section's inputs made absolute."""
+    return core.read_yaml(path, _relocate_inputs, _WHAT)
 
 
-def expand(raw: Mapping[str, Any], base_dir: Path, _including: tuple[Path, ...] = ()) -> dict:
-    """Apply `include:` (a file or a list, relative to `base_dir`; later files win and `raw` wins
-    over all) and make the data section's input paths absolute. `_including`: the files being
-    read, outermost first, so a cycle is named instead of recursing forever."""
-    raw = dict(raw)
-    include = raw.pop("include", None) or []
-    includes = [include] if isinstance(include, str) else include
-    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise ConfigError(f"include={include!r} is invalid: a file name or a list of file names")
-    base: dict = {}
-    for inc in includes:
-        target = (base_dir / inc).resolve()
-        if target in _including:
-            chain = " -> ".join(p.name for p in (*_including, target))
-            raise ConfigError(f"include cycle: {chain}")
-        base = deep_merge(base, read_yaml(base_dir / inc, _including))
-    raw = deep_merge(base, raw)
-    if isinstance(raw.get("data"), dict):
-        _resolve_inputs(raw["data"], base_dir)
-    return raw
+def expand(raw: Mapping[str, Any], base_dir: Path) -> dict:
+    """`include:` (relative to `base_dir`) applied to `raw`, data inputs made absolute."""
+    return core.expand(raw, base_dir, _relocate_inputs, _WHAT)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -213,24 +153,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def build_config(raw: Mapping[str, Any]) -> RunConfig:
     for key in raw:
         if key not in SECTIONS:
-            raise ConfigError(f"unknown config section `{key}`: {nearest(str(key), SECTIONS)}")
+            raise BifocalError(f"unknown config section `{key}`: {nearest(str(key), SECTIONS)}")
         if raw[key] is not None and not isinstance(raw[key], Mapping):
-            raise ConfigError(f"`{key}` must be a mapping of keys, got {type(raw[key]).__name__}")
+            raise BifocalError(f"`{key}` must be a mapping of keys, got {type(raw[key]).__name__}")
     model = dict(raw.get("model") or {})
     vocab_from_data = "vocab_size" not in model
-    try:
-        return RunConfig(
-            model=GPTConfig.from_dict(model),
-            data=from_dict(DataConfig, raw.get("data"), "data"),
-            train=from_dict(TrainConfig, raw.get("train"), "train"),
-            optim=from_dict(OptimConfig, raw.get("optim"), "optim"),
-            deepspeed=from_dict(DeepSpeedSection, raw.get("deepspeed"), "deepspeed"),
-            eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
-            vocab_from_data=vocab_from_data,
-        )
-    except DataError as exc:  # data dataclasses name keys relative to `data`
-        msg = str(exc)
-        raise ConfigError(msg if msg.startswith("data") else f"data.{msg}") from None
+    return RunConfig(
+        model=GPTConfig.from_dict(model),
+        data=from_dict(DataConfig, raw.get("data"), "data"),
+        train=from_dict(TrainConfig, raw.get("train"), "train"),
+        optim=from_dict(OptimConfig, raw.get("optim"), "optim"),
+        deepspeed=from_dict(DeepSpeedSection, raw.get("deepspeed"), "deepspeed"),
+        eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
+        vocab_from_data=vocab_from_data,
+    )
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -243,7 +179,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     if ds.config_file:
         path = Path(ds.config_file)
         if not path.is_file():
-            raise ConfigError(f"deepspeed.config_file not found: {path}")
+            raise BifocalError(f"deepspeed.config_file not found: {path}")
         conf = json.loads(path.read_text())
         conf.setdefault("train_micro_batch_size_per_gpu", t.micro_batch)
         conf.setdefault("gradient_accumulation_steps", t.grad_accum)

@@ -1,0 +1,211 @@
+"""Torch-free config plumbing: YAML files with `include:`, `--set KEY=VALUE` overrides, strict
+dataclass construction whose errors name the dotted key and the nearest valid one, and `check`,
+the one validation helper every config dataclass uses in `__post_init__`.
+
+The schemas themselves live with their owners (`bifocal.model.config`, `bifocal.data_pipeline.config`,
+`bifocal.run.config`); this module knows none of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+from bifocal.core.errors import BifocalError
+
+T = TypeVar("T")
+
+
+def check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise `key=value is invalid: allowed` unless `cond`; `from_dict` prefixes the section path."""
+    if not cond:
+        raise BifocalError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def positive_ints(obj: Any, *keys: str) -> None:
+    """Check that each named field of `obj` is an int > 0 (bool is not an int here)."""
+    for key in keys:
+        value = getattr(obj, key)
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
+              "must be a positive integer")
+
+
+def nearest(name: str, valid: list[str] | tuple[str, ...]) -> str:
+    """'did you mean `x`?' for the closest valid name, or a list of what is allowed."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    return "valid keys: " + ", ".join(sorted(valid))
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with the nearest valid one.
+
+    A class declares nested dataclass fields in `__nested__` ({"field": Cls} or {"field": [Cls]}
+    for a list); they are built recursively, so `where` grows into a dotted path (e.g.
+    `model.position.scheme`) for error messages. A class may name keys it no longer accepts in
+    `__removed__` ({"key": "what to do instead"}), so an old config gets a clear message.
+    """
+    if data is None:
+        return cls()
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise BifocalError(f"`{where or cls.__name__}` must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    removed = getattr(cls, "__removed__", {})
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key in removed:
+            raise BifocalError(f"config key `{path}` was removed: {removed[key]}")
+        if key not in fields:
+            raise BifocalError(f"unknown config key `{path}`: {nearest(str(key), list(fields))}")
+        sub = getattr(cls, "__nested__", {}).get(key)
+        if isinstance(sub, list) and value is not None:  # `[Cls]` declares a list of Cls
+            if not isinstance(value, (list, tuple)):
+                raise BifocalError(f"`{path}` must be a list, got {type(value).__name__}")
+            value = [from_dict(sub[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+        elif sub is not None and value is not None:
+            value = from_dict(sub, value, path)
+        else:
+            value = _coerce(value, hints.get(key), path)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except BifocalError as exc:  # the dataclass names its own key; add where it sits
+        if where and not str(exc).startswith(where):
+            raise BifocalError(f"{where}.{exc}") from None
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # a check met a value of a type it did not expect
+        raise BifocalError(f"`{where or cls.__name__}` is invalid: {str(exc).splitlines()[0]}") from None
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check a scalar against its annotation; YAML reads `1e-3` as a string, so numbers given
+    as strings are converted when they parse."""
+    if hint is None or value is None:
+        return value
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise BifocalError(f"{path}={value!r} is invalid: must be a list, e.g. [{value!r}]")
+        (item,) = typing.get_args(hint) or (None,)
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is dict or typing.get_origin(hint) is dict:
+        if not isinstance(value, Mapping):
+            raise BifocalError(f"{path}={value!r} is invalid: must be a mapping")
+        return value
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    scalars = [t for t in options if t in (bool, int, float, str)]
+    if not scalars or any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in scalars):
+        if float in scalars and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    for t in scalars:
+        if t in (int, float) and isinstance(value, str):
+            try:
+                return t(float(value)) if t is float else int(value)
+            except ValueError:
+                continue
+    if float in scalars and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    allowed = " or ".join(t.__name__ for t in scalars)
+    raise BifocalError(f"{path}={value!r} is invalid: must be {allowed}")
+
+
+def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = tree
+        parts = str(key).strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BifocalError(f"--set {key}: `{part}` was given a value and keys at once")
+        node[parts[-1]] = value
+    return tree
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=c` strings into a nested dict; values parsed as YAML (numbers, bools, lists)."""
+    dotted: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise BifocalError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        try:
+            dotted[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise BifocalError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return nest(dotted)
+
+
+def deep_merge(base: dict, update: Mapping) -> dict:
+    """`update` over `base`, recursively for mappings; neither input is modified."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# Called with each file's mapping and its directory, so inputs named relative to a file resolve
+# against that file even when it is included from elsewhere.
+Relocate = Callable[[dict, Path], None]
+
+
+def yaml_mapping(path: str | Path, what: str = "a mapping") -> dict:
+    """The mapping a YAML file holds (empty for an empty file), as it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise BifocalError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML reports bad encodings itself
+    except yaml.YAMLError as exc:
+        raise BifocalError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise BifocalError(f"{path} is not valid YAML: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise BifocalError(f"{path} must hold {what}")
+    return raw
+
+
+def read_yaml(path: str | Path, relocate: Relocate | None = None, what: str = "a mapping",
+              _including: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping from `path` with its `include:`s applied (see `expand`)."""
+    path = Path(path)
+    return expand(yaml_mapping(path, what), path.parent, relocate, what, (*_including, path.resolve()))
+
+
+def expand(raw: Mapping[str, Any], base_dir: Path, relocate: Relocate | None = None,
+           what: str = "a mapping", _including: tuple[Path, ...] = ()) -> dict:
+    """Apply `include:` (a file or a list, relative to `base_dir`; later files win and `raw` wins
+    over all), then `relocate` the inputs `raw` names relative to `base_dir`. `_including`: the
+    files being read, outermost first, so a cycle is named instead of recursing forever."""
+    raw = dict(raw)
+    include = raw.pop("include", None) or []
+    includes = [include] if isinstance(include, str) else include
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise BifocalError(f"include={include!r} is invalid: a file name or a list of file names")
+    base: dict = {}
+    for inc in includes:
+        target = (base_dir / inc).resolve()
+        if target in _including:
+            chain = " -> ".join(p.name for p in (*_including, target))
+            raise BifocalError(f"include cycle: {chain}")
+        base = deep_merge(base, read_yaml(base_dir / inc, relocate, what, _including))
+    raw = deep_merge(base, raw)
+    if relocate is not None:
+        relocate(raw, base_dir)
+    return raw
