@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 
-from bifocal.launcher import distributed as dist
+from bifocal.run import distributed as dist
 from bifocal.launcher.bench import Runner, bench_config, build_engine, measure, parse_schemes
 from bifocal.launcher.cli import build_parser
 from bifocal.launcher.step import train_step

@@ -21,12 +21,13 @@ from typing import Callable
 
 import torch
 
-from bifocal.model.config import SCHEMES, ConfigError, GPTConfig
+from bifocal.core.config import deep_merge
+from bifocal.core.errors import BifocalError
+from bifocal.model.config import SCHEMES, GPTConfig
 from bifocal.model.flops import flops_per_token
+from bifocal.run import distributed as dist
+from bifocal.run.config import CONFIG_DIR, RunConfig, build_config, deepspeed_config, read_yaml
 
-from . import distributed as dist
-from .config import CONFIG_DIR, RunConfig, build_config, deep_merge, deepspeed_config, read_yaml
-from .errors import UserError
 from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
 
 PRESETS = {"tiny": CONFIG_DIR / "demo.yaml", "125m": CONFIG_DIR / "gpu" / "125m.yaml",
@@ -42,7 +43,7 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
     """The preset's model and DeepSpeed sections, the bundled demo data, the bench's flags."""
     path = PRESETS.get(args.preset, Path(args.preset))
     if not path.is_file():
-        raise UserError(f"--preset {args.preset!r}: not one of {', '.join(PRESETS)} and no such YAML file")
+        raise BifocalError(f"--preset {args.preset!r}: not one of {', '.join(PRESETS)} and no such YAML file")
     raw = read_yaml(path)
     raw["data"] = read_yaml(args.data_config or DEMO_DATA)["data"]
     model = raw.setdefault("model", {})
@@ -69,7 +70,7 @@ def parse_schemes(text: str, what: str) -> list[str]:
         return list(SCHEMES)
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
-        raise UserError(f"{what}: unknown scheme {bad[0]!r}; one of {', '.join(SCHEMES)} (or all)")
+        raise BifocalError(f"{what}: unknown scheme {bad[0]!r}; one of {', '.join(SCHEMES)} (or all)")
     return schemes
 
 
@@ -280,36 +281,31 @@ def describe(cfg: RunConfig, device: str, peak: float | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bifocal.data_pipeline.errors import DataError
+    cfg = bench_config(args)
+    schemes = parse_schemes(args.schemes, "--schemes")
+    plain = parse_schemes(args.plain, "--plain") if args.plain else []
+    if plain and cfg.deepspeed.precision == "fp16":
+        raise BifocalError("--plain supports fp32 and bf16 (fp16 needs a loss scaler); use --dtype bf16")
+    if plain and dist.world_size() > 1:
+        raise BifocalError("--plain runs in one process; start `bifocal bench` without a launcher")
+    for key in ("steps", "block", "warmup"):
+        if getattr(args, key) < 1:
+            raise BifocalError(f"--{key}={getattr(args, key)} is invalid: must be >= 1")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise BifocalError(f"--out {out} is not empty; pass --overwrite or choose another directory (nothing was written)")
+    dist.setup_environment(cfg.train.threads)
+    device = dist.resolve_device(cfg.train.device)
+    peak = peak_flops(device, cfg.deepspeed.precision, args.peak_tflops)
+    dist.init_distributed(device)
+    from .train import prepare_data
 
-    try:
-        cfg = bench_config(args)
-        schemes = parse_schemes(args.schemes, "--schemes")
-        plain = parse_schemes(args.plain, "--plain") if args.plain else []
-        if plain and cfg.deepspeed.precision == "fp16":
-            raise UserError("--plain supports fp32 and bf16 (fp16 needs a loss scaler); use --dtype bf16")
-        if plain and dist.world_size() > 1:
-            raise UserError("--plain runs in one process; start `bifocal bench` without a launcher")
-        for key in ("steps", "block", "warmup"):
-            if getattr(args, key) < 1:
-                raise UserError(f"--{key}={getattr(args, key)} is invalid: must be >= 1")
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise UserError(f"--out {out} is not empty; pass --overwrite or choose another directory (nothing was written)")
-        dist.setup_environment(cfg.train.threads)
-        device = dist.resolve_device(cfg.train.device)
-        peak = peak_flops(device, cfg.deepspeed.precision, args.peak_tflops)
-        dist.init_distributed(device)
-        from .train import prepare_data
-
-        data = prepare_data(cfg)
-        builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
-        builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
-        rounds = max(1, args.steps // args.block)
-        runners: list[Runner] = []
-        timing = measure(runners, builders, device, args.warmup, rounds, args.block)
-    except (ConfigError, DataError) as exc:
-        raise UserError(str(exc)) from None
+    data = prepare_data(cfg)
+    builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
+    builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
+    rounds = max(1, args.steps // args.block)
+    runners: list[Runner] = []
+    timing = measure(runners, builders, device, args.warmup, rounds, args.block)
     rows = summarise(runners, timing, cfg, device, peak)
     title = describe(cfg, device, peak)
     if dist.rank() == 0:

@@ -4,7 +4,7 @@ Runs `bifocal train` in every rank through DeepSpeed's own launcher, so everythi
 works: several GPUs on one machine (`--num_gpus 8`), several nodes over ssh (`--hostfile`,
 `--num_nodes`, `--master_addr`), or one launcher per node started by something else
 (`--no_ssh --node_rank N` with the same hostfile on every node). Under Slurm no launcher is needed:
-`srun bifocal train` starts the ranks itself (configs/slurm/train.sbatch, launcher/slurm.py).
+`srun bifocal train` starts the ranks itself (configs/slurm/train.sbatch, run/slurm.py).
 """
 
 from __future__ import annotations

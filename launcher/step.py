@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed as dist
+from bifocal.run import distributed as dist
 
 
 @dataclass

@@ -3,7 +3,7 @@ tests/system/test_multinode.py; this covers the cases one machine cannot: severa
 
 from __future__ import annotations
 
-from bifocal.launcher.slurm import BASE_PORT, rank_environment, tasks_per_node
+from bifocal.run.slurm import BASE_PORT, rank_environment, tasks_per_node
 
 
 def step(**over: str) -> dict[str, str]:

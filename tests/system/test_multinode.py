@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bifocal.launcher import checkpoint
+from bifocal.run import checkpoint
 from conftest import REPO, cli_env, free_port, run_cli
 from local_daemons import Unavailable, slurm, sshd
 

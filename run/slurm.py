@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from typing import Mapping
 
-from .errors import UserError
+from bifocal.core.errors import BifocalError
 
 # Outside Linux's ephemeral range (32768-60999), so it cannot collide with a port in use by a client.
 BASE_PORT = 29500
@@ -31,7 +31,7 @@ def first_host(nodelist: str) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError) as err:
-        raise UserError(f"cannot expand the Slurm node list {nodelist!r} with scontrol ({err}); "
+        raise BifocalError(f"cannot expand the Slurm node list {nodelist!r} with scontrol ({err}); "
                         f"export MASTER_ADDR before srun") from None
     return out[0]
 
