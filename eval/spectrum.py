@@ -3,7 +3,7 @@
 Writes into RUN/spectrum/ (or --out):
   spectrum.json        Omega, A, Phi per spectral head (with the RoPE theta it started from),
                        the 2*pi/p comparison (--modulus), attention entropy and distance mass
-  frequencies.png      learned Omega against theta (launcher.metrics.frequency_figure)
+  frequencies.png      learned Omega against theta (bifocal.run.metrics.frequency_figure)
   amplitude_phase.png  A and Phi per frequency pair against their initial values
   attention_entropy.png  mean entropy per head, and attention mass by distance, per head group
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from bifocal.model import GPT, ConfigError, GPTConfig
+from bifocal.core.errors import BifocalError
+from bifocal.model import GPT, GPTConfig
 from bifocal.model.position import make_context, rope_inv_freq
 from bifocal.model.position.spectral import SpectralRotary
 
@@ -106,5 +107,5 @@ def test_spectral_init_switches_change_only_the_spectral_heads(switch):
     ({"spectral_init": "fit", "spectral_rope_base": 500.0}, "position.spectral_rope_base"),
 ])
 def test_invalid_ablation_keys_name_the_key(position, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(BifocalError, match=message.replace(".", r"\.")):
         GPTConfig.from_dict({"position": {"scheme": "bifocal", **position}})

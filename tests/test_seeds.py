@@ -80,8 +80,8 @@ def test_seeds_in_the_study_file_and_on_the_command_line(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("base: {train: {seed: 1}}\nschemes: [rope]\nseeds: [5, 11]\n")
     assert [r[1] for r in load_study(str(f)).runs()] == [5, 11]
-    from bifocal.launcher.errors import UserError
+    from bifocal.core.errors import BifocalError
     for bad in ("0", "[1, 1]", "two"):
         f.write_text(f"schemes: [rope]\nseeds: {bad}\n")
-        with pytest.raises(UserError, match="seeds"):
+        with pytest.raises(BifocalError, match="seeds"):
             load_study(str(f))
