@@ -342,7 +342,7 @@ def test_second_start_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_confi
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    from bifocal.launcher import checkpoint
+    from bifocal.run import checkpoint
 
     return [s for s, _ in checkpoint.complete_checkpoints(run_dir)]
 
@@ -350,14 +350,14 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def test_lock_of_another_live_process_or_host_is_respected(tmp_path):
     import socket
 
-    from bifocal.launcher.errors import UserError
-    from bifocal.launcher.run_lock import RunLock
+    from bifocal.core.errors import BifocalError
+    from bifocal.run.run_lock import RunLock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for holder in ({"host": socket.gethostname(), "pid": os.getppid()}, {"host": "elsewhere", "pid": 1}):
         (run_dir / ".lock").write_text(json.dumps(holder))
-        with pytest.raises(UserError, match=f"in use by pid {holder['pid']} on {holder['host']}"):
+        with pytest.raises(BifocalError, match=f"in use by pid {holder['pid']} on {holder['host']}"):
             RunLock(run_dir).acquire()
     # A lock whose process is gone is taken over, and released without a trace.
     import subprocess
