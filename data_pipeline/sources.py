@@ -196,7 +196,7 @@ def _check_first_record(path: Path, where: str) -> None:
     except Exception:  # damaged compression: left to the reader, which reports it as one line
         return
     if head.lstrip().startswith(b"null"):
-        raise DataError(f"{where}: the first record is `null`, not a JSON object with a text field")
+        raise BifocalError(f"{where}: the first record is `null`, not a JSON object with a text field")
 
 
 def _rows(ds: Any, src: SourceConfig, where: str, field: str | None = None) -> Iterator[Document]:

@@ -179,5 +179,5 @@ def test_source_reader_over_random_bytes(tmp_path, ext, data, field):
         src = SourceConfig(name="fuzz", path=str(path), **({"text_field": field} if field else {}))
         for doc in read_source(src):
             assert isinstance(doc.text, str)
-    except DataError as exc:
+    except BifocalError as exc:
         assert "\n" not in str(exc) and str(exc)
