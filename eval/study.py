@@ -20,7 +20,7 @@ A study YAML (configs/study/*.yaml) holds:
 
 Layout: OUT/configs/<run>.yaml (the exact run config), OUT/runs/<run> (the run),
 OUT/results/<run>[-variant].json, OUT/report.md, OUT/extrapolation.png, where <run> is the scheme,
-or <scheme>-s<seed> when the study has several seeds (report.md then gives mean ± std per length
+or <scheme>-s<seed> when the study names seeds (report.md then gives mean ± std per length
 and says which differences exceed the seed spread). A finished run and a
 result whose settings are unchanged are reused, so re-running a study resumes it.
 """
@@ -76,10 +76,10 @@ class Study:
         return raw if seed is None else deep_merge(raw, {"train": {"seed": seed}})
 
     def runs(self) -> list[tuple[str, int | None, str]]:
-        """(scheme, seed or None, run name) for every run: `scheme`, or `scheme-s<seed>` with
-        several seeds."""
-        if len(self.seeds) <= 1:
-            return [(s, self.seeds[0] if self.seeds else None, s) for s in self.schemes]
+        """(scheme, seed or None, run name) for every run: `scheme-s<seed>` when the study names
+        seeds (so studies over different seeds can share one OUT), else `scheme`."""
+        if not self.seeds:
+            return [(s, None, s) for s in self.schemes]
         return [(s, seed, f"{s}-s{seed}") for s in self.schemes for seed in self.seeds]
 
 

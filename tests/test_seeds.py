@@ -77,6 +77,7 @@ def test_seeds_in_the_study_file_and_on_the_command_line(tmp_path):
     assert study.seeds == [7, 8, 9]
     assert [r[2] for r in study.runs()] == ["rope-s7", "rope-s8", "rope-s9"]
     assert study.run_config("rope", 8)["train"]["seed"] == 8
+    assert load_study("smoke", ["seeds=[5]"], "rope").runs() == [("rope", 5, "rope-s5")]
     f = tmp_path / "s.yaml"
     f.write_text("base: {train: {seed: 1}}\nschemes: [rope]\nseeds: [5, 11]\n")
     assert [r[1] for r in load_study(str(f)).runs()] == [5, 11]
