@@ -86,3 +86,16 @@ def test_seeds_in_the_study_file_and_on_the_command_line(tmp_path):
         f.write_text(f"schemes: [rope]\nseeds: {bad}\n")
         with pytest.raises(BifocalError, match="seeds"):
             load_study(str(f))
+
+
+def test_headline_table_from_report_json(tmp_path):
+    from bifocal.eval.headline import headline, main
+
+    paths = write_report(RESULTS, tmp_path)
+    summary = json.loads(paths["json"].read_text())["ppl_summary"]
+    table = headline(summary, ["bifocal", "rope", "pope"])
+    lines = table.splitlines()
+    assert lines[0] == "| model | seeds | 64 | 128* | 256* | ppl(256) / ppl(64) |"
+    assert lines[2] == "| bifocal | 3 | 21.0 ± 0.5 | 22.5 ± 0.5 | 24.0 ± 1.0 | 1.143 ± 0.020 |"
+    assert lines[3].startswith("| rope | 3 | 21.0 ± 1.0 |") and len(lines) == 4  # no pope results: no row
+    assert main([str(tmp_path / "missing.json")]) == 2
