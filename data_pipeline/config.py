@@ -11,28 +11,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from bifocal import data as bundled_data
 from bifocal.core.config import check
 from bifocal.core.errors import BifocalError
 
 TOKENIZER_TYPES = ("bpe", "sentencepiece_unigram", "sentencepiece_bpe")
 SYNTHETIC_TASKS = ("dyck", "modular", "rotation")
+# datasets' file-format builders: `hf_dataset: parquet` etc. read `data_files`, never a repository.
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "xml")
 # Source names become shard file names, so keep them to a portable character set.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_DATA = bundled_data.ROOT
 
 
 @dataclass
 class SourceConfig:
-    name: str
-    weight: float = 1.0
+    name: str  # source name (names its shard files)
+    weight: float = 1.0  # sampling weight in the training mixture
     path: str | None = None  # a file (.txt .jsonl .jsonl.gz .jsonl.zst .parquet), a folder, or a glob pattern
     glob: str | None = None  # with a folder `path`: e.g. "**/*.py", one document per file (source-code trees)
-    hf_dataset: str | None = None  # Hugging Face hub dataset name, read with datasets streaming
-    hf_config: str | None = None
+    hf_dataset: str | None = None  # hub dataset name, a builder (json, parquet, ...) or a save_to_disk folder
+    hf_config: str | None = None  # hf_dataset only: the dataset configuration name
+    data_files: str | list | dict | None = None  # hf_dataset only: files or patterns (relative to the config)
+    data_dir: str | None = None  # hf_dataset only: a folder inside the dataset repository (or a local one)
+    revision: str | None = None  # hf_dataset only: a branch, tag or commit of the hub repository
     split: str = "train"  # hub datasets only (local files are one "train" split)
-    text_field: str = "text"
-    max_documents: int | None = None
+    text_field: str = "text"  # the field holding the text (JSON / parquet / datasets)
+    max_documents: int | None = None  # read at most this many documents (null: all)
     synthetic: dict | None = None  # {"task": "dyck"|"modular"|"rotation", "n_documents": int, "seed": int, ...}
 
     def __post_init__(self) -> None:
@@ -48,6 +54,13 @@ class SourceConfig:
                                f"(got {', '.join(kinds) if kinds else 'none'})")
         check(self.glob is None or self.path is not None, f"{where}: glob", self.glob,
                "needs a folder `path` to search in")
+        for key in ("data_files", "data_dir", "revision", "hf_config"):
+            check(getattr(self, key) is None or self.hf_dataset is not None, f"{where}: {key}", getattr(self, key),
+                  "only applies to an hf_dataset source")
+        if self.hf_dataset in PACKAGED_BUILDERS and self.data_files is None and self.data_dir is None:
+            # Without files, datasets' packaged builders read the working directory.
+            raise BifocalError(f"{where}: hf_dataset={self.hf_dataset!r} is a file-format builder: "
+                               "set data_files (or data_dir) to the files it should read")
         check(self.max_documents is None or (isinstance(self.max_documents, int) and self.max_documents > 0),
                f"{where}: max_documents", self.max_documents, "must be a positive integer or null")
         check(isinstance(self.text_field, str) and bool(self.text_field), f"{where}: text_field", self.text_field,
@@ -66,7 +79,7 @@ class SourceConfig:
 @dataclass
 class TokenizerConfig:
     type: str = "bpe"  # bpe (byte-level BPE, `tokenizers`) | sentencepiece_unigram | sentencepiece_bpe
-    vocab_size: int = 4096
+    vocab_size: int = 4096  # vocabulary size of a trained tokenizer
     path: str | None = None  # existing tokenizer.json or SentencePiece .model: load instead of training
     train_chars: int = 20_000_000  # cap on characters used to train the tokenizer
 
@@ -79,6 +92,37 @@ class TokenizerConfig:
                self.train_chars, "must be a positive integer")
 
 
+def _absolute(value: str, base_dir: Path) -> str:
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((base_dir / value).resolve())
+
+
+def resolve_input_paths(src: dict, base_dir: Path) -> None:
+    """Make a raw source mapping's local inputs absolute, relative to `base_dir` (the config
+    file's folder): `path`, a local dataset folder named by hf_dataset, and the data_files /
+    data_dir of a file-format builder (`hf_dataset: parquet`). A repository's data_files and
+    data_dir are relative to the repository and stay as given, as do URLs and hub names.
+    Outputs are not inputs: they stay relative to the cwd."""
+    if isinstance(src.get("path"), str) and src["path"]:
+        src["path"] = _absolute(src["path"], base_dir)
+    name = src.get("hf_dataset")
+    if isinstance(name, str) and not Path(name).is_absolute() and (base_dir / name).is_dir():
+        src["hf_dataset"] = str((base_dir / name).resolve())
+    if name not in PACKAGED_BUILDERS:
+        return
+    if isinstance(src.get("data_dir"), str) and src["data_dir"]:
+        src["data_dir"] = _absolute(src["data_dir"], base_dir)
+    files = src.get("data_files")
+    if isinstance(files, str):
+        src["data_files"] = _absolute(files, base_dir)
+    elif isinstance(files, list):
+        src["data_files"] = [_absolute(f, base_dir) for f in files]
+    elif isinstance(files, Mapping):
+        src["data_files"] = {k: [_absolute(f, base_dir) for f in ([v] if isinstance(v, str) else v)]
+                             for k, v in files.items()}
+
+
 def _default_sources() -> list[SourceConfig]:
     return [
         SourceConfig(name="austen", weight=1.0, path=str(BUNDLED_DATA / "nl_small_austen.jsonl.gz")),
@@ -88,10 +132,10 @@ def _default_sources() -> list[SourceConfig]:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=_default_sources)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    val_fraction: float = 0.05
-    prepared_dir: str = "runs/data/demo"
+    sources: list[SourceConfig] = field(default_factory=_default_sources)  # name, weight, path | hf_dataset | synthetic
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # train (type, vocab_size) or load (path)
+    val_fraction: float = 0.05  # share of documents held out for validation (by document hash)
+    prepared_dir: str = "runs/data/demo"  # where the packed token shards are written (relative to the cwd)
 
     __nested__ = {"sources": [SourceConfig], "tokenizer": TokenizerConfig}
 
@@ -129,17 +173,15 @@ def load_data_config(yaml_path: str | Path) -> DataConfig:
         raise BifocalError(f"{p}: expected a mapping with a `data:` section")
     data = dict(data)
 
-    def absolute(value: str | None) -> str | None:
-        return None if value is None else str((p.parent / value).resolve()) if not Path(value).is_absolute() else value
-
     try:
         sources = []
         for s in data.pop("sources", None) or []:
             s = dict(s)
-            s["path"] = absolute(s.get("path"))
+            resolve_input_paths(s, p.parent)
             sources.append(SourceConfig(**s))
         tok = dict(data.pop("tokenizer", None) or {})
-        tok["path"] = absolute(tok.get("path"))
+        if tok.get("path"):
+            tok["path"] = _absolute(tok["path"], p.parent)
         return DataConfig(sources=sources or _default_sources(), tokenizer=TokenizerConfig(**tok), **data)
     except TypeError as exc:  # unknown key
         raise BifocalError(f"{p}: {exc}") from None

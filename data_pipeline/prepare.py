@@ -45,29 +45,41 @@ def is_prepared(out_dir: str | os.PathLike) -> bool:
         return False
 
 
-def fingerprint(cfg: DataConfig) -> str:
-    """Hash of everything that determines the output: config (minus where it goes) + input file stats."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    def stat(p: Path) -> list:
-        s = p.stat()
-        return [str(p), s.st_size, s.st_mtime_ns]
 
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "val_fraction": cfg.val_fraction,
-        "tokenizer": dataclasses.asdict(cfg.tokenizer),
-        "tokenizer_file": _tokenizer_stat(cfg.tokenizer.path, stat),
-        "sources": [{**dataclasses.asdict(s), "files": [stat(f) for f in source_files(s)]} for s in cfg.sources],
-    }
+def _digest(doc: dict) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _tokenizer_stat(path: str | None, stat) -> list | None:
-    if path is None:
-        return None
-    if not Path(path).exists():
-        raise BifocalError(f"tokenizer.path: tokenizer file not found: {path}")
-    return stat(Path(path))
+def settings_fingerprint(cfg: DataConfig) -> str:
+    """Hash of the data settings without any location: the same config prepares the same shards
+    wherever its corpora and its output live."""
+    return _digest({
+        "format_version": FORMAT_VERSION,
+        "val_fraction": cfg.val_fraction,
+        "tokenizer": {k: v for k, v in dataclasses.asdict(cfg.tokenizer).items() if k != "path"},
+        "tokenizer_given": cfg.tokenizer.path is not None,
+        "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "path"} for s in cfg.sources],
+    })
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """Hash of everything that determines the output: the settings and the bytes of every input
+    file (content only: neither paths nor modification times, so copying or `touch` keeps it)."""
+    tok = cfg.tokenizer.path
+    if tok is not None and not Path(tok).is_file():
+        raise BifocalError(f"tokenizer.path: tokenizer file not found: {tok}")
+    return _digest({
+        "settings": settings_fingerprint(cfg),
+        "tokenizer_file": _sha256(Path(tok)) if tok else None,
+        "sources": [[_sha256(f) for f in source_files(s)] for s in cfg.sources],
+    })
 
 
 def val_score(source: str, key: str) -> float:
@@ -76,9 +88,20 @@ def val_score(source: str, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: int | None = None) -> Path:
-    """Tokenize cfg's sources into `out_dir` (default cfg.prepared_dir); reuse it if already done."""
+def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: int | None = None,
+            trust_complete: bool = False) -> Path:
+    """Tokenize cfg's sources into `out_dir` (default cfg.prepared_dir); reuse it if already done.
+
+    `trust_complete` (training): a finished directory prepared with the same settings is used as
+    is, without reading the raw corpora, so shards copied to a cluster train on their own."""
     out = Path(out_dir if out_dir is not None else cfg.prepared_dir).resolve()
+    if trust_complete and is_prepared(out):
+        recorded = json.loads((out / "meta.json").read_text()).get("settings")  # None: an older prepare
+        if recorded == settings_fingerprint(cfg):
+            return out
+        if recorded is not None:
+            raise BifocalError(f"{out} exists and was prepared from a different config; "
+                            "choose another data.prepared_dir or delete it")
     if workers is not None:
         if workers < 1:
             raise BifocalError(f"workers={workers} is invalid: must be >= 1")
@@ -145,6 +168,7 @@ def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
+        "settings": settings_fingerprint(cfg),
         "run_id": run_id.hex(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tokenizer": tokenizer_meta(tok),
@@ -215,6 +239,7 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
                      run_id: bytes, bar: tqdm) -> dict:
     writers = {sp: ShardWriter(tmp, src.name, sp, dtype, run_id) for sp in SPLITS}
     eod = np.array([tok.eod_id], dtype=np.int64)
+    bos = np.array([] if tok.bos_id is None else [tok.bos_id], dtype=np.int64)
     invalid = text_bytes = 0
     held: tuple[float, np.ndarray] | None = None  # lowest-score train doc, kept back while val is empty
     for batch in prefetch(_batches(read_source(src))):
@@ -223,7 +248,7 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
         for doc, ids in zip(batch, encoded):
             nbytes += doc.nbytes
             invalid += doc.invalid_utf8
-            arr = np.concatenate([np.asarray(ids, dtype=np.int64), eod])
+            arr = np.concatenate([bos, np.asarray(ids, dtype=np.int64), eod])
             score = val_score(src.name, doc.key)
             if score < val_fraction:
                 writers["val"].add(arr)

@@ -98,6 +98,7 @@ def origin(src: SourceConfig) -> dict[str, Any]:
         return {"synthetic": dict(src.synthetic)}
     if src.hf_dataset is not None:
         return {"hf_dataset": src.hf_dataset, "hf_config": src.hf_config, "split": src.split,
+                "data_files": src.data_files, "data_dir": src.data_dir, "revision": src.revision,
                 "text_field": src.text_field}
     return {"path": src.path, "glob": src.glob, "text_field": src.text_field}
 
@@ -134,12 +135,26 @@ def _synthetic(src: SourceConfig) -> Iterator[Document]:
         yield Document(text=text, key=f"#{i}", invalid_utf8=invalid, nbytes=nbytes)
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    p = Path(path)
+    return p.is_dir() and any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def _hub(src: SourceConfig) -> Iterator[Document]:
-    from datasets import load_dataset
+    from datasets import load_dataset, load_from_disk
 
     where = f"source {src.name!r}: dataset {src.hf_dataset!r}"
     try:
-        ds = load_dataset(src.hf_dataset, src.hf_config, split=src.split, streaming=True)
+        if is_saved_dataset(src.hf_dataset):
+            ds = load_from_disk(src.hf_dataset)
+            if hasattr(ds, "keys"):  # a DatasetDict: pick the split
+                if src.split not in ds:
+                    raise ValueError(f"no split {src.split!r} (splits: {', '.join(ds)})")
+                ds = ds[src.split]
+        else:
+            ds = load_dataset(src.hf_dataset, src.hf_config, split=src.split, streaming=True,
+                              data_files=src.data_files, data_dir=src.data_dir, revision=src.revision)
     except Exception as exc:
         raise BifocalError(f"{where}: cannot open ({_first_line(exc)})") from None
     yield from _rows(ds, src, where)

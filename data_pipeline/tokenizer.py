@@ -50,6 +50,19 @@ class TextTokenizer:
         if eod is None:
             raise BifocalError(f"tokenizer has no end-of-document token (looked for {', '.join(_EOD_CANDIDATES)} / eos)")
         self.eod_id = int(eod)
+        self.bos_id = self._bos()
+
+    def _bos(self) -> int | None:
+        """The token the tokenizer itself puts at the start of a text (Llama's <s> or
+        <|begin_of_text|>): prepared documents start with it, as the model saw in pretraining.
+        None for tokenizers that add nothing (bifocal's own)."""
+        if self.kind == "sentencepiece":
+            return int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        special = self._tok.encode("a", add_special_tokens=True).ids
+        if len(special) > len(plain) and special[1:1 + len(plain)] == plain and special[0] != self.eod_id:
+            return int(special[0])
+        return None
 
     @property
     def filename(self) -> str:
@@ -220,7 +233,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str)
 def tokenizer_meta(tok: TextTokenizer) -> dict:
     """What meta.json records about a tokenizer."""
     return {"kind": tok.kind, "file": tok.filename, "hash": tok.hash, "vocab_size": tok.vocab_size,
-            "eod_id": tok.eod_id}
+            "eod_id": tok.eod_id, "bos_id": tok.bos_id}
 
 
 __all__ = ["TextTokenizer", "load_tokenizer", "train_tokenizer", "tokenizer_meta", "EOD_TOKEN"]

@@ -92,6 +92,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+BATCH_TOKENS = 16384  # tokens per batch when no batch size is given (OOM halves it)
+
+
+def default_batch_size(length: int) -> int:
+    """Windows per batch for `length`: about BATCH_TOKENS tokens, 1 to 64 windows."""
+    return max(1, min(64, BATCH_TOKENS // length))
+
+
 @torch.inference_mode()  # no autograd graph: activations are freed layer by layer
 def _score(model: GPT, docs: list[np.ndarray], plan: list[Window], length: int, batch_size: int,
            progress: bool) -> tuple[float, int]:
@@ -101,6 +109,9 @@ def _score(model: GPT, docs: list[np.ndarray], plan: list[Window], length: int, 
     device = _model_device(model)
     total_loss, total_tokens = 0.0, 0
     bar = tqdm(total=len(plan), desc=f"ppl L={length}", unit="win", disable=None if progress else True, leave=False)
+    # Without a terminal tqdm stays silent: logs get a plain line every tenth of the windows.
+    plain = progress and bar.disable
+    next_line = max(1, len(plan) // 10)
     try:
         for i in range(0, len(plan), batch_size):
             batch = plan[i:i + batch_size]
@@ -115,13 +126,17 @@ def _score(model: GPT, docs: list[np.ndarray], plan: list[Window], length: int, 
             total_loss += float(loss)
             total_tokens += sum(w.score for w in batch)
             bar.update(len(batch))
+            done = i + len(batch)
+            if plain and (done >= next_line or done == len(plan)):
+                print(f"ppl L={length}: {done}/{len(plan)} windows, batch {batch_size}", file=sys.stderr, flush=True)
+                next_line = done + max(1, len(plan) // 10)
     finally:
         bar.close()
     return total_loss, total_tokens
 
 
 def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int], stride: int | None = None,
-                        max_docs: int | None = None, max_tokens: int | None = None, batch_size: int = 1,
+                        max_docs: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
                         device: str | torch.device | None = None, progress: bool = True,
                         on_skip: Callable[[int, str], None] | None = None) -> list[dict]:
     """One row {"length", "tokens", "loss", "ppl", "docs", "windows"} per length that had data.
@@ -130,11 +145,12 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
     length -> documents (e.g. a prepared split filtered by length). `stride` (default: the length)
     is capped at each length; each row records the stride it used. A length with no document long enough, or that runs out of memory,
     is reported through `on_skip(length, reason)` (default: a PerplexityWarning) and left out.
+    `batch_size` None: `default_batch_size(length)` windows per batch.
     """
     if device is not None:
         model = model.to(device)
     model.eval()
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     skip = on_skip or (lambda n, why: warnings.warn(f"length {n}: {why}", PerplexityWarning, stacklevel=3))
     cache = None if callable(documents) else [np.asarray(d, dtype=np.int64) for d in documents]
@@ -146,7 +162,7 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
         if not plan:
             skip(length, f"skipped: no document has {length + 1} tokens (needed for one window)")
             continue
-        bs = batch_size
+        bs = batch_size or default_batch_size(length)
         while True:
             try:
                 loss_sum, tokens = _score(model, docs, plan, length, bs, progress)

@@ -103,7 +103,8 @@ def _save(fig, path: Path) -> Path:
 def plot_frequencies(model: GPT, path: Path, modulus: int | None) -> Path:
     from bifocal.run.metrics import frequency_figure, spectral_snapshot
 
-    fig = frequency_figure(spectral_snapshot(model, zero3=False), model.cfg.head_dim, model.cfg.position.rope_base)
+    fig = frequency_figure(spectral_snapshot(model, zero3=False), model.cfg.head_dim, model.cfg.position.rope_base,
+                           model.cfg.n_head)
     if modulus:
         ax = fig.axes[0]
         ax.axhline(TWO_PI / modulus, color="red", lw=1, ls=":", label=f"2pi/{modulus}")

@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from bifocal import configs
 from bifocal.core.config import deep_merge, nearest, nest, parse_overrides, yaml_mapping
 from bifocal.core.errors import BifocalError
 from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES
@@ -100,16 +101,11 @@ def _seed_list(value: Any, base: dict, where: str) -> list[int]:
 
 
 def _preset_path(preset: str) -> Path:
-    p = Path(preset)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise BifocalError(f"study file not found: {p}")
-        return p
-    named = STUDY_DIR / f"{preset}.yaml"
-    if not named.is_file():
+    found = configs.find(preset, "study")
+    if found is None:
         have = sorted(f.stem for f in STUDY_DIR.glob("*.yaml"))
         raise BifocalError(f"unknown study preset {preset!r}: one of {', '.join(have)} or a path to a study YAML")
-    return named
+    return found
 
 
 def _base_config(base: Any, study_path: Path) -> dict:

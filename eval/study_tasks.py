@@ -18,16 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bifocal import configs
 from bifocal.core.errors import BifocalError
 
 from .results import EvalResult
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMES = ("rope", "bifocal", "spectral", "pope")
 
 
 def task_config(task: str) -> Path:
-    path = REPO / "configs" / "tasks" / f"{task}.yaml"
+    path = configs.ROOT / "tasks" / f"{task}.yaml"
     if not path.is_file():
         raise BifocalError(f"no task config {path}")
     return path

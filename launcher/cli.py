@@ -11,20 +11,25 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
+from bifocal import __version__
 from bifocal.core.errors import BifocalError
+
+
+def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"override {what}, e.g. --set train.max_steps=100 optim.lr=1e-3 (repeatable)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML config (default: the embedded demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    _add_set(p)
 
 
 def _prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize corpora into packed token shards")
     p.add_argument("config", nargs="?", default=None, help="YAML config with a data: section (default: demo)")
     p.add_argument("--out", default=None, help="output directory (default: data.prepared_dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(p)
     p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.set_defaults(handler="bifocal.launcher.commands:prepare")
 
@@ -36,6 +41,9 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: train.out_dir/train.run_name)")
     p.add_argument("--init-from-hf", default=None, metavar="DIR",
                    help="continue pretraining a local Hugging Face Llama-family model, spectralized")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, includes, --set applied) as YAML and exit; nothing is trained")
+    p.epilog = "Every config key, its default and what it does: `bifocal config` (or `bifocal config train`)."
     p.set_defaults(handler="bifocal.launcher.train:main")
 
 
@@ -71,6 +79,12 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="bifocal.launcher.bench:main")
 
 
+def _config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="list the config keys with their defaults and descriptions")
+    p.add_argument("prefix", nargs="?", default="", help="only keys starting with this, e.g. train or model.position")
+    p.set_defaults(handler="bifocal.launcher.commands:list_config_keys")
+
+
 def _launch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch", help="run `bifocal train` under the deepspeed launcher (multi-GPU / multi-node)",
@@ -93,7 +107,8 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--factor", type=float, default=None, help="rope scaling factor (default: max length / train length)")
     ppl.add_argument("--max-docs", type=int, default=None, help="documents per length (default: all)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="tokens scored per length at most")
-    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--batch-size", type=int, default=None,
+                     help="windows per batch (default: about 16k tokens per batch, halved on out-of-memory)")
     ppl.add_argument("--device", default=None)
     ppl.add_argument("--out", default=None, help="JSON result path")
     ppl.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -141,7 +156,7 @@ def _study(sub: argparse._SubParsersAction) -> None:
     ex = ssub.add_parser("extrapolation", help="train rope/bifocal/spectral/pope, evaluate 1x-16x, report")
     ex.add_argument("--preset", default="cpu", help="cpu | gpu-125m | path to a study YAML")
     ex.add_argument("--out", default="runs/study", help="study directory")
-    ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(ex, "the study's base run config")
     ex.add_argument("--schemes", default=None, help="comma-separated subset of schemes")
     ex.add_argument("--seeds", type=int, default=None,
                     help="train every scheme with N seeds (train.seed, +1, ...); report mean ± std")
@@ -156,8 +171,7 @@ def _study(sub: argparse._SubParsersAction) -> None:
     tks.add_argument("--seed", type=int, default=1, help="evaluation example seed")
     tks.add_argument("--seeds", type=int, default=1,
                      help="train every scheme with N seeds (train.seed, +1, ...); report mean ± std")
-    tks.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override the task config for every run (repeatable)")
+    _add_set(tks, "the task config for every run")
     tks.set_defaults(handler="bifocal.eval.study_tasks:main")
 
 
@@ -168,6 +182,9 @@ def _export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--context", type=int, default=None,
+                   help="intended context, the max_length lm-eval and generation read (default: the training "
+                        "length, or original x factor for a rope model with scaling)")
     p.set_defaults(handler="bifocal.launcher.export:main")
 
 
@@ -191,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bifocal",
         description="Pretrain GPT-style models with bifocal attention on DeepSpeed.",
     )
+    parser.add_argument("--version", action="version", version=f"bifocal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_prepare, _train, _bench, _launch, _eval, _study, _export, _generate):
+    for add in (_prepare, _train, _config, _bench, _launch, _eval, _study, _export, _generate):
         add(sub)
     return parser
 

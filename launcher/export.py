@@ -29,7 +29,7 @@ def card_extras(run_dir: Path, step: int) -> dict[str, Any]:
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",
-               max_shard_size: str = "2GB") -> Path:
+               max_shard_size: str = "2GB", context: int | None = None) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise BifocalError(f"{out} already exists and is not empty; choose another --out (nothing was overwritten)")
@@ -46,7 +46,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
 
             model, _ = checkpoint.load_run_model(run_dir, step=found[0])
             save_hf(model, run_dir / "tokenizer", tmp, dtype=dtype, max_shard_size=max_shard_size,
-                    extra_card=card_extras(run_dir, found[0]))
+                    extra_card=card_extras(run_dir, found[0]), context=context)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -74,7 +74,19 @@ def _export_spectralized(run_dir: Path, ckpt: Path, out: Path, dtype: str) -> No
     write_tokenizer(run_dir / "tokenizer", out)
 
 
+def require_transformers() -> None:
+    """Exports are written with transformers' config classes: name the extra if it is missing."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise BifocalError("bifocal export needs transformers: pip install 'bifocal[hf]'") from None
+
+
 def main(args: argparse.Namespace) -> int:
-    out = export_run(args.run, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    require_transformers()
+    if args.context is not None and args.context < 1:
+        raise BifocalError(f"--context {args.context}: must be a positive integer")
+    out = export_run(args.run, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     context=args.context)
     print(f"bifocal: exported {args.run} to {out}")
     return 0

@@ -23,7 +23,7 @@ from bifocal.core.errors import BifocalError
 
 from bifocal.run import checkpoint, distributed as dist
 from bifocal.run.config import RunConfig, deepspeed_config, load_config, save_config
-from bifocal.run.metrics import MetricsLogger, drop_rows_after, plot_loss, spectral_snapshot
+from bifocal.run.metrics import MetricsLogger, drop_rows_after, plot_loss, require_wandb, spectral_snapshot, train_line
 from bifocal.run.run_lock import RunLock
 
 from . import preflight
@@ -121,9 +121,10 @@ def prepare_data(cfg: RunConfig):
 
     out = Path(cfg.data.prepared_dir)
     if dist.rank() == 0:
-        # prepare() reuses a finished directory with the same fingerprint and refuses one made
-        # from another config, so a changed data section never trains on stale shards.
-        prepare(cfg.data, out)
+        # A finished directory with the same data settings is used without the raw corpora (copied
+        # shards train on their own); otherwise prepare() builds it, or refuses one made from
+        # another config, so a changed data section never trains on stale shards.
+        prepare(cfg.data, out, trust_complete=True)
     dist.barrier()
     return PreparedData(out)
 
@@ -231,6 +232,7 @@ def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device
     rank, world = dist.rank(), dist.world_size()
     is_main = rank == 0
     check_run_dir(run_dir, args.resume)
+    require_wandb(cfg.train.wandb_project)
 
     data = prepare_data(cfg)
     hf = hf_source(args, run_dir, cfg)
@@ -275,7 +277,8 @@ def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device
         if hf:
             (run_dir / "init_from_hf.json").write_text(json.dumps(hf, indent=1))
 
-    logger = MetricsLogger(run_dir, enabled=is_main)
+    logger = MetricsLogger(run_dir, enabled=is_main, config=cfg.to_dict(), wandb_project=cfg.train.wandb_project,
+                           resume=args.resume)
     stop = StopFlag()
     stop.install()
     tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world * cfg.train.seq_len
@@ -337,6 +340,8 @@ def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device
                           "tokens": step * tokens_per_step}
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if bar.disable:  # no terminal (a batch job): a plain line instead of the bar
+                        print(train_line(record, cfg.train.max_steps, dt / steps_since), flush=True)
                 logger.log(record)
                 loss_acc, steps_since = 0.0, 0
             if validate and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps):
@@ -346,7 +351,8 @@ def train_locked(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device
                     from tqdm import tqdm
 
                     tqdm.write(f"step {step}/{cfg.train.max_steps}: validation loss {val_loss:.4f}", file=sys.stdout)
-                logger.spectral(step, spectral_snapshot(engine.module, zero3), cfg.model.head_dim, pos.rope_base)
+                logger.spectral(step, spectral_snapshot(engine.module, zero3), cfg.model.head_dim, pos.rope_base,
+                                cfg.model.n_head)
             stop_now = dist.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps or stop_now:
                 last_ckpt = (step, save_now(step))
@@ -384,6 +390,17 @@ def summarize(run_dir: Path, step: int, val_loss: float | None, seq_len: int) ->
           f"bifocal export {run_dir} --out {run_dir}/export")
 
 
+def print_config(args: argparse.Namespace) -> None:
+    """`bifocal train --print-config`: the resolved config as YAML, nothing written or trained."""
+    import yaml
+
+    cfg, _ = resolve_run(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
 def main(args: argparse.Namespace) -> int:
-    run(args)
+    if getattr(args, "print_config", False):
+        print_config(args)
+    else:
+        run(args)
     return 0

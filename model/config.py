@@ -26,11 +26,11 @@ class RopeScaling:
     All four equal transformers' definitions (`linear`, `dynamic`, `yarn`).
     """
 
-    type: str = "yarn"
-    factor: float = 2.0
-    original_max_len: int = 256
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
+    type: str = "yarn"  # pi | ntk | dynamic_ntk | yarn
+    factor: float = 2.0  # context extension factor s (>= 1)
+    original_max_len: int = 256  # the length the model was trained at
+    beta_fast: float = 32.0  # yarn: rotations above which a pair keeps its frequency
+    beta_slow: float = 1.0  # yarn: rotations below which a pair is fully interpolated
 
     def __post_init__(self) -> None:
         check(self.type in ROPE_SCALING_TYPES, "type", self.type, f"one of {', '.join(ROPE_SCALING_TYPES)}")
@@ -40,24 +40,24 @@ class RopeScaling:
 
 @dataclass
 class PositionConfig:
-    scheme: str = "bifocal"
-    rope_base: float = 10000.0
+    scheme: str = "bifocal"  # rope | spectral | bifocal | pope | nope
+    rope_base: float = 10000.0  # RoPE base: theta_i = rope_base^(-2i/d)
     # bifocal: how many heads per layer are spectral (the last ones); None means half.
-    spectral_heads: int | None = None
-    phase_init_std: float = 1e-3
-    spectral_lr_mult: float = 1.0
+    spectral_heads: int | None = None  # bifocal: spectral heads per layer, the last ones (null: half)
+    phase_init_std: float = 1e-3  # std of the spectral heads' initial phase Phi
+    spectral_lr_mult: float = 1.0  # learning-rate multiplier of the position parameters
     # How Omega is learned: "offset" (Omega = theta + d, Adam moves every pair by similar absolute
     # amounts, so low frequencies change by large factors) or "log" (Omega = theta * e^s: relative).
-    omega_param: str = "offset"
+    omega_param: str = "offset"  # offset (Omega = theta + d) | log (Omega = theta * e^s)
     # Ablations of the spectral heads. `learn`: which of Omega, A, Phi train (the rest stay at
     # their init; [] with phase_init_std 0 is RoPE exactly). `spectral_init`: Omega's start, "rope"
     # (theta_i = spectral_rope_base^(-2i/d), the base defaulting to rope_base) or "fit" (log-spaced
     # from 1 rad/token down to 2 pi / max_seq_len, so every wavelength fits in the training length
     # and no pair meets an angle beyond it that it never saw in training).
-    learn: list[str] = field(default_factory=lambda: list(SPECTRAL_PARAMETERS))
-    spectral_init: str = "rope"
-    spectral_rope_base: float | None = None
-    rope_scaling: RopeScaling | None = None
+    learn: list[str] = field(default_factory=lambda: list(SPECTRAL_PARAMETERS))  # which of Omega, A, Phi train
+    spectral_init: str = "rope"  # Omega's start: rope (theta) | fit (wavelengths within max_seq_len)
+    spectral_rope_base: float | None = None  # spectral_init rope: base of Omega's start (null: rope_base)
+    rope_scaling: RopeScaling | None = None  # eval-time extension of fixed heads: {type, factor, ...}
 
     __nested__ = {"rope_scaling": RopeScaling}
 
@@ -82,17 +82,17 @@ class PositionConfig:
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 8192
-    n_layer: int = 4
-    n_head: int = 4
+    vocab_size: int = 8192  # vocabulary size (default: the tokenizer's)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads per layer
     n_kv_head: int | None = None  # grouped-query attention; None means n_head
-    d_model: int = 256
+    d_model: int = 256  # residual width
     d_ff: int | None = None  # SwiGLU hidden size; None means 8/3 d_model rounded up to 32
     max_seq_len: int = 256  # the training length (for reporting and rope_scaling defaults)
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    dropout: float = 0.0  # dropout on the residual stream and attention
+    tie_embeddings: bool = True  # share the input embedding and the output head
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal weight init (residual outputs / sqrt(2 n_layer))
     position: PositionConfig = field(default_factory=PositionConfig)
 
     __nested__ = {"position": PositionConfig}

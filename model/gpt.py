@@ -86,7 +86,9 @@ class Attention(nn.Module):
         self.position = build_position(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """`mask` (B, 1, T, past+T) bool, True where a query may attend (padding); None: causal."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -96,11 +98,13 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.layer_length(self.layer)
             k, v = cache.update(self.layer, k, v)
+        if mask is None and past and T > 1:
+            mask = _cached_mask(T, past, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=_cached_mask(T, past, x.device) if past and T > 1 else None,
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=past == 0,  # fused causal kernels; one new token sees the whole cache
+            is_causal=mask is None and past == 0,  # fused causal kernels; one new token sees the whole cache
             scale=1.0 / math.sqrt(self.head_dim),  # explicit: PoPE's keys are 2d wide
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -113,6 +117,16 @@ def _cached_mask(T: int, past: int, device: torch.device) -> Tensor:
     return torch.arange(past + T, device=device)[None, :] <= rows
 
 
+def padding_mask(valid: Tensor, T: int, past: int) -> Tensor:
+    """(B, 1, T, past+T) attention mask for T new tokens after `past` cached ones, where `valid`
+    (B, past+T) is 1 for real tokens and 0 for padding (left or right). Every token also sees
+    itself, so padded query rows stay finite; real tokens never attend to padding."""
+    allowed = _cached_mask(T, past, valid.device)[None] & valid.bool()[:, None, :]
+    rows = torch.arange(T, device=valid.device)
+    allowed[:, rows, rows + past] = True
+    return allowed[:, None]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
@@ -122,8 +136,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache))
+    def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -163,24 +178,31 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, start_pos: int = 0,
-                cache: KVCache | None = None, return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
+                cache: KVCache | None = None, return_logits: bool = True,
+                attention_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab) and, given `labels` (B, T) aligned with `input_ids` (labels[t] is
         the token after input_ids[t]; -100 is ignored), the mean next-token cross-entropy.
 
         `start_pos` offsets the positions (with a cache it defaults to the cache length).
-        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits."""
+        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits.
+        `attention_mask` (B, cached+T), 0 at padding: padded keys are hidden. Positions still
+        count the padding, which is exact because every scheme depends on m - n only and
+        padding sits outside (left of or right of) each row's contiguous real tokens."""
         T = input_ids.shape[1]
         if cache is not None and start_pos == 0:
             start_pos = cache.length
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         ctx = make_context(self.cfg, positions)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            mask = padding_mask(attention_mask, T, attention_mask.shape[1] - T)
         x = self.drop(self.embed(input_ids))
         recompute = self.checkpoint_every > 0 and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if recompute and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                x = checkpoint(block, x, ctx, None, mask, use_reentrant=False)
             else:
-                x = block(x, ctx, cache)
+                x = block(x, ctx, cache, mask)
         x = self.norm(x)
         if labels is not None and not return_logits:
             return None, self.lm_head(x, labels)

@@ -4,43 +4,46 @@ strict keys (an unknown key names the nearest valid one), and DeepSpeed config g
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from bifocal import configs
 from bifocal.core import config as core
 from bifocal.core.config import deep_merge, from_dict, nearest, parse_overrides
 from bifocal.core.errors import BifocalError
-from bifocal.data_pipeline.config import DataConfig
+from bifocal.data_pipeline.config import DataConfig, resolve_input_paths
 from bifocal.model.config import GPTConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
-DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+CONFIG_DIR = configs.ROOT
+DEMO_CONFIG = configs.DEMO
 SECTIONS = ("model", "data", "train", "optim", "deepspeed", "eval")
 _WHAT = f"a mapping with sections {', '.join(SECTIONS)}"
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs"
-    run_name: str = "demo"
-    seq_len: int = 256
-    micro_batch: int = 8  # per rank
-    grad_accum: int = 1
-    max_steps: int = 300
-    seed: int = 1234
-    log_every: int = 10
+    out_dir: str = "runs"  # runs are written to out_dir/run_name
+    run_name: str = "demo"  # the run directory's name
+    seq_len: int = 256  # training context length (tokens per window)
+    micro_batch: int = 8  # sequences per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 300  # optimizer steps
+    seed: int = 1234  # seed of the model init and the data order
+    log_every: int = 10  # a training line and metrics every N steps
     eval_every: int = 100  # validation loss every N steps (0: only at the end)
-    eval_batches: int = 8
+    eval_batches: int = 8  # micro-batches per validation
     save_every: int = 100  # checkpoint every N steps (0: only at the end)
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept
     on_nan: str = "stop"  # stop | skip
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch intra-op threads per rank on CPU (None: cores / ranks)
+    wandb_project: str | None = None  # also log to Weights & Biases in this project (needs the wandb extra)
     compile: bool = False  # torch.compile the model (engine.compile(); inductor, any ZeRO stage)
     activation_checkpointing: int = 0  # recompute every k-th block in the backward (0: off, 1: all)
     peak_tflops: float | None = None  # device peak for MFU where the CUDA name table has none
@@ -60,13 +63,13 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    warmup_steps: int = 30  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay of matrices
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # gradient norm clipping
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -79,7 +82,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 0
+    zero_stage: int = 0  # ZeRO stage 0 | 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16 | fp16
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
     offload_params: bool = False  # parameter offload (stage 3)
@@ -97,10 +100,10 @@ class DeepSpeedSection:
 
 @dataclass
 class EvalConfig:
-    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
-    stride: int | None = None
-    max_docs: int | None = None
-    max_tokens: int | None = None
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])  # bifocal eval ppl lengths
+    stride: int | None = None  # sliding-window stride (null: non-overlapping windows)
+    max_docs: int | None = None  # documents per length (null: all)
+    max_tokens: int | None = None  # scored tokens per length at most (null: all)
 
 
 @dataclass
@@ -126,8 +129,8 @@ def _relocate_inputs(raw: dict, base_dir: Path) -> None:
     if not isinstance(data, dict):
         return
     for src in data.get("sources") or []:
-        if isinstance(src, dict) and src.get("path") and not Path(src["path"]).is_absolute():
-            src["path"] = str((base_dir / src["path"]).resolve())
+        if isinstance(src, dict):
+            resolve_input_paths(src, base_dir)
     tok = data.get("tokenizer")
     if isinstance(tok, dict) and tok.get("path") and not Path(tok["path"]).is_absolute():
         tok["path"] = str((base_dir / tok["path"]).resolve())
@@ -143,9 +146,19 @@ def expand(raw: Mapping[str, Any], base_dir: Path) -> dict:
     return core.expand(raw, base_dir, _relocate_inputs, _WHAT)
 
 
+def config_path(name: str | Path | None) -> Path:
+    """A `--config` value as a file: a path on disk, else a bundled preset (`gpu/125m`)."""
+    if name is None:
+        return DEMO_CONFIG
+    found = configs.find(name)
+    if found is None:
+        raise BifocalError(f"config file not found: {name} (bundled presets: {', '.join(configs.bundled())})")
+    return found
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (default: the embedded demo), apply `--set` overrides, validate strictly."""
-    raw = read_yaml(path or DEMO_CONFIG)
+    raw = read_yaml(config_path(path))
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build_config(raw)
 
@@ -170,7 +183,12 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the run's config with its output paths made absolute, so commands that read it
+    (`bifocal eval ppl RUN`) work from any directory."""
+    out = cfg.to_dict()
+    out["data"]["prepared_dir"] = str(Path(cfg.data.prepared_dir).resolve())
+    out["train"]["out_dir"] = str(Path(cfg.train.out_dir).resolve())
+    Path(path).write_text(yaml.safe_dump(out, sort_keys=False))
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -206,3 +224,51 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     elif ds.precision == "fp16":
         conf["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}
     return deep_merge(conf, ds.overrides)
+
+
+# -- the config keys with their descriptions (`bifocal config`) ---------------------------------
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+_SECTION_TYPES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+                  "deepspeed": DeepSpeedSection, "eval": EvalConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's one-line field descriptions: the trailing comment of each field's line (the
+    one place they are written, read back from the source)."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def config_keys(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default as YAML, description) of every config key, nested sections expanded
+    (`data.sources[].name` for the fields of each source); all sections when `cls` is None."""
+    if cls is None:
+        return [row for name, section in _SECTION_TYPES.items() for row in config_keys(section, f"{name}.")]
+    rows = []
+    docs = field_docs(cls)
+    nested = getattr(cls, "__nested__", {})
+    for f in dataclasses.fields(cls):
+        sub = nested.get(f.name)
+        if isinstance(sub, list):  # a list of sections: its own description, then the item keys
+            rows.append((f"{prefix}{f.name}", "[...]", docs.get(f.name, "")))
+            rows += config_keys(sub[0], f"{prefix}{f.name}[].")
+        elif sub is not None:
+            rows += config_keys(sub, f"{prefix}{f.name}.")
+        else:
+            default = _default(f)
+            text = default if default == "(required)" else yaml.safe_dump(default, default_flow_style=True).strip()
+            rows.append((f"{prefix}{f.name}", text.removesuffix("\n...").strip(), docs.get(f.name, "")))
+    return rows

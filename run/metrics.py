@@ -1,5 +1,6 @@
-"""What a run leaves for people to read: metrics.jsonl, TensorBoard scalars, spectral histograms,
-a learned-frequency figure, and a loss curve PNG."""
+"""What a run leaves for people to read: metrics.jsonl, TensorBoard scalars, hyperparameters,
+spectral histograms, a learned-frequency figure, a loss curve PNG, training lines in batch logs,
+and optionally the same scalars in Weights & Biases."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndar
     return out
 
 
-def frequency_figure(snapshot: dict[str, np.ndarray], head_dim: int, base: float):
-    """Learned Omega of every spectral head against the RoPE theta it started from (log scale)."""
+def frequency_figure(snapshot: dict[str, np.ndarray], head_dim: int, base: float, n_head: int | None = None):
+    """Learned Omega of every spectral head against the RoPE theta it started from (log scale).
+    Each line is labelled with its layer and head (spectral heads are a layer's last heads, so
+    with `n_head` the label is the head's index in the layer, else its index among the spectral)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,13 +53,14 @@ def frequency_figure(snapshot: dict[str, np.ndarray], head_dim: int, base: float
     for name, omega in snapshot.items():
         if name.endswith(".omega"):
             layer = name.split(".")[1]
+            first = n_head - len(omega) if n_head is not None else 0
             for h, row in enumerate(omega):
-                ax.plot(np.arange(len(row)), np.abs(row), alpha=0.6, lw=1, label=f"L{layer} h{h}" if h == 0 else None)
+                ax.plot(np.arange(len(row)), np.abs(row), alpha=0.6, lw=1, label=f"L{layer} h{first + h}")
     ax.set_yscale("log")
     ax.set_xlabel("frequency pair i")
     ax.set_ylabel("|Omega_i| (rad / token)")
     ax.set_title("Spectral heads: learned frequencies vs RoPE")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=max(2, len(ax.lines) // 12))
     fig.tight_layout()
     return fig
 
@@ -82,30 +86,86 @@ def drop_rows_after(run_dir: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-class MetricsLogger:
-    """Rank 0 writes; other ranks hold a no-op logger."""
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+
+def train_line(record: dict[str, Any], max_steps: int, seconds_per_step: float) -> str:
+    """One training line for logs without a terminal (where the progress bar is off)."""
+    eta = _duration((max_steps - record["step"]) * seconds_per_step)
+    return (f"step {record['step']}/{max_steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+            f"{record['tokens_per_s']:,.0f} tokens/s, ETA {eta}")
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested run config as TensorBoard hyperparameters: dotted keys, scalars kept, the rest as text."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value, default=str)
+    return out
+
+
+def require_wandb(project: str | None) -> None:
+    """Fail before the run starts when W&B logging is asked for but not installed."""
+    if project is None:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from bifocal.core.errors import BifocalError
+
+        raise BifocalError(f"train.wandb_project={project!r} needs wandb: pip install 'bifocal[wandb]'") from None
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a no-op logger. `config` (the run config as a dict) goes to
+    TensorBoard's hyperparameters and to W&B; `wandb_project` turns W&B logging on (the same
+    scalars as TensorBoard; WANDB_MODE=offline works without an account)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, config: dict | None = None,
+                 wandb_project: str | None = None, resume: bool = False) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.config = config or {}
         self.tb = None
+        self.wandb = None
+        self.last: dict[str, float] = {}
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if enabled and wandb_project:
+            import wandb
+
+            # The run directory's name is the W&B run id, so a resumed run continues its own curves.
+            self.wandb = wandb.init(project=wandb_project, name=run_dir.name, id=run_dir.name, dir=str(run_dir),
+                                    config=self.config, resume="allow" if resume else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {(f"train/{key}" if not key.startswith("val") else f"val/{key}"): value
+                   for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and value == value}
+        self.last.update(scalars)
         if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value == value:
-                    self.tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}", value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=step)
 
-    def spectral(self, step: int, snapshot: dict[str, np.ndarray], head_dim: int, base: float) -> None:
+    def spectral(self, step: int, snapshot: dict[str, np.ndarray], head_dim: int, base: float,
+                 n_head: int | None = None) -> None:
         if not (self.enabled and self.tb is not None and snapshot):
             return
         for name, values in snapshot.items():
@@ -116,14 +176,20 @@ class MetricsLogger:
         if any(k.endswith(".omega") for k in snapshot):
             import matplotlib.pyplot as plt
 
-            fig = frequency_figure(snapshot, head_dim, base)
+            fig = frequency_figure(snapshot, head_dim, base, n_head)
             self.tb.add_figure("spectral/frequencies_vs_rope", fig, step)
             plt.close(fig)
 
     def close(self) -> None:
         if self.tb is not None:
+            if self.config:  # the run's hyperparameters against its final numbers (HPARAMS tab)
+                final = {f"hparam/{k.split('/')[-1]}": v for k, v in self.last.items()
+                         if k.endswith(("/loss", "/val_loss", "/val_ppl"))}
+                self.tb.add_hparams(flat_hparams(self.config), final, run_name=".")
             self.tb.flush()
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bifocal.run.config import CONFIG_DIR, deepspeed_config, load_config
 
@@ -39,3 +40,29 @@ def test_gpu_presets_have_their_size(name):
 def test_scheme_is_a_one_line_switch(scheme):
     cfg = load_config(CONFIG_DIR / "gpu" / "125m.yaml", [f"model.position.scheme={scheme}"])
     assert cfg.model.position.scheme == scheme
+
+
+def test_every_config_key_has_a_one_line_description():
+    from bifocal.run.config import config_keys
+
+    rows = config_keys()
+    assert {"train.max_steps", "model.position.scheme", "data.sources[].hf_dataset", "optim.lr"} <= {r[0] for r in rows}
+    assert [key for key, _, text in rows if not text] == []
+    assert dict((k, d) for k, d, _ in rows)["train.max_steps"] == "300"
+
+
+def test_config_listing_print_config_and_several_sets(tmp_path):
+    from conftest import run_cli
+
+    listing = run_cli(["config", "train."], cwd=tmp_path).stdout.splitlines()
+    assert listing and all(line.startswith("train.") for line in listing)
+    assert any(line.split()[:2] == ["train.log_every", "10"] and "training line" in line for line in listing)
+    bad = run_cli(["config", "trian"], cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "sections: data" in bad.stderr
+
+    proc = run_cli(["train", "--print-config", "--config", "gpu/125m", "--set", "train.max_steps=7", "optim.lr=0.01",
+                    "--set", "model.position.scheme=rope"], cwd=tmp_path)
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["train"]["max_steps"] == 7 and cfg["optim"]["lr"] == 0.01 and cfg["model"]["position"]["scheme"] == "rope"
+    assert cfg["model"]["d_model"] == 768  # the bundled preset, found by name
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written

@@ -105,3 +105,46 @@ def test_synthetic_source(tmp_path):
     a, b = list(read_source(src)), list(read_source(src))
     assert len(a) == 5 and all(isinstance(d.text, str) and d.text for d in a)
     assert [d.text for d in a] == [d.text for d in b]  # seeded: deterministic
+
+
+def test_hub_options_data_files_data_dir_and_saved_datasets(inputs, tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    hub = tmp_path / "hub"
+    (hub / "more").mkdir(parents=True)
+    (hub / "train.jsonl").write_text((inputs["hub"] / "train.jsonl").read_text())
+    (hub / "more" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in PROSE))
+    # data_dir picks a folder of the repository; data_files picks files; revision is passed through.
+    assert texts(SourceConfig(name="h", hf_dataset=str(hub), data_dir="more")) == collections.Counter(PROSE)
+    assert texts(SourceConfig(name="h", hf_dataset="json", data_files=[str(hub / "more" / "train.jsonl")],
+                              revision="main")) == collections.Counter(PROSE)
+    # A file-format builder reads only its data_files, never the working directory's files.
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"text": ["a stray shard in the cwd"]}), tmp_path / "stray.parquet")
+    src = SourceConfig(name="p", hf_dataset="parquet", data_files=str(inputs["parquet"]), text_field="content")
+    assert texts(src) == collections.Counter(PROSE)
+    with pytest.raises(BifocalError, match="hf_dataset='parquet' is a file-format builder: set data_files"):
+        SourceConfig(name="p", hf_dataset="parquet")
+    with pytest.raises(BifocalError, match="data_files=.* only applies to an hf_dataset source"):
+        SourceConfig(name="p", path=str(inputs["parquet"]), data_files="x.parquet")
+    # save_to_disk folders (a Dataset, and a DatasetDict by split) read with load_from_disk.
+    Dataset.from_dict({"text": CODE}).save_to_disk(tmp_path / "saved")
+    assert texts(SourceConfig(name="s", hf_dataset=str(tmp_path / "saved"))) == collections.Counter(CODE)
+    DatasetDict({"train": Dataset.from_dict({"text": PROSE}), "test": Dataset.from_dict({"text": CODE})}).save_to_disk(
+        tmp_path / "dict")
+    assert texts(SourceConfig(name="s", hf_dataset=str(tmp_path / "dict"), split="test")) == collections.Counter(CODE)
+    with pytest.raises(BifocalError, match="no split 'dev' \\(splits: train, test\\)"):
+        texts(SourceConfig(name="s", hf_dataset=str(tmp_path / "dict"), split="dev"))
+
+
+def test_hub_input_paths_are_relative_to_the_config_file(inputs, tmp_path, monkeypatch):
+    from bifocal.data_pipeline.config import load_data_config
+
+    cfg_dir = inputs["hub"].parent
+    (cfg_dir / "data.yaml").write_text(json.dumps({"data": {"sources": [
+        {"name": "h", "hf_dataset": "hubfolder", "data_dir": "more"},
+        {"name": "p", "hf_dataset": "parquet", "data_files": ["prose.parquet"], "text_field": "content"}]}}))
+    monkeypatch.chdir(tmp_path)
+    h, p = load_data_config(cfg_dir / "data.yaml").sources
+    assert h.hf_dataset == str(inputs["hub"]) and h.data_dir == "more"  # inside the dataset's folder
+    assert p.data_files == [str(inputs["parquet"])]

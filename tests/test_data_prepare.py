@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,55 @@ def test_configs_load_with_the_strict_loader():
     demo = load_data_config(REPO / "configs" / "data" / "demo.yaml")
     assert [Path(s.path) for s in demo.sources] == [Path(s.path) for s in DataConfig().sources]
     assert all(Path(s.path).is_file() for s in demo.sources)
+
+
+def test_prepared_data_is_portable_and_fingerprinted_by_content(prepared, corpora, tmp_path, capsys):
+    # The same corpora elsewhere, touched: content decides, so the directory is reused.
+    moved = tmp_path / "moved"
+    shutil.copytree(corpora["root"], moved)
+    for f in moved.iterdir():
+        os.utime(f, (1, 1))
+    cfg = small_cfg({"root": moved})
+    assert prepare(cfg, prepared.path) == prepared.path
+    assert "reusing" in capsys.readouterr().out
+    # Shards copied to a machine without the raw corpus: training (trust_complete) uses them.
+    cluster = tmp_path / "cluster" / "data"
+    shutil.copytree(prepared.path, cluster)
+    shutil.rmtree(moved)
+    assert prepare(cfg, cluster, trust_complete=True) == cluster
+    assert PreparedData(cluster).num_tokens("train") == prepared.num_tokens("train")
+    with pytest.raises(BifocalError, match="file not found"):  # an explicit prepare still needs inputs
+        prepare(cfg, cluster)
+    changed = small_cfg({"root": moved})
+    changed.val_fraction = 0.3  # other settings are never trusted
+    with pytest.raises(BifocalError, match="different config"):
+        prepare(changed, cluster, trust_complete=True)
+    # Changed content (same name, size, time) is a different fingerprint.
+    edited = tmp_path / "edited"
+    shutil.copytree(corpora["root"], edited)
+    docs = [dict(d) for d in corpora["code"]]
+    docs[0]["text"] = docs[0]["text"].upper()
+    write_jsonl_gz(edited / "code.jsonl.gz", docs)
+    with pytest.raises(BifocalError, match="different config"):
+        prepare(small_cfg({"root": edited}), prepared.path)
+
+
+def test_tokenizer_with_a_bos_token_starts_every_document_with_it(prepared, corpora, tmp_path):
+    """A Llama-style tokenizer.json (its post-processor prepends <s>) vs bifocal's own (nothing)."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(prepared.path / "tokenizer.json"))
+    tok.add_special_tokens(["<s>", "</s>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path / "tokenizer.json").bos_id == bos
+    assert prepared.tokenizer().bos_id is None and prepared.meta["tokenizer"]["bos_id"] is None
+
+    data = PreparedData(prepare(small_cfg(corpora, path=str(tmp_path / "tokenizer.json")), tmp_path / "llama"))
+    assert data.meta["tokenizer"]["bos_id"] == bos
+    for name in ("austen", "code"):
+        toks, offs = data.tokens(name, "train"), data.offsets(name, "train")
+        starts, ends = toks[offs[:-1]], toks[offs[1:] - 1]
+        assert (starts == bos).all() and (ends == data.eod_id).all()
+        assert (toks == bos).sum() == len(offs) - 1  # only at document starts

@@ -4,6 +4,8 @@ pretraining of a Hugging Face Llama model with `--init-from-hf` and export back.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,3 +111,14 @@ def test_continued_pretraining_of_a_hf_llama(tiny_config, tmp_path):
     moved = [n for (n, p), (_, q) in zip(trained.named_parameters(), fresh.named_parameters())
              if ".position." in n and not torch.equal(p, q)]
     assert moved
+
+
+def test_export_without_transformers_names_the_extra(tmp_path):
+    """transformers made unimportable (a None entry in sys.modules, as if not installed)."""
+    script = ("import sys; sys.modules['transformers'] = None\n"
+              "from bifocal.launcher.cli import main\n"
+              f"sys.exit(main(['export', {str(tmp_path / 'run')!r}, '--out', {str(tmp_path / 'out')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "bifocal: error: bifocal export needs transformers: pip install 'bifocal[hf]'"
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
+import site
 from pathlib import Path
 
 import pytest
@@ -121,7 +121,7 @@ def test_exported_code_runs_without_bifocal_installed(bpe, text, tmp_path):
     ids = bpe.encode(text)[:32]
     script = f"""
 import json, sys
-sys.path.append({sysconfig.get_paths()["purelib"]!r})
+sys.path.extend({site.getsitepackages()!r})
 try:
     import bifocal
     raise SystemExit("bifocal is importable")
@@ -213,3 +213,23 @@ def test_bad_inputs_name_the_path(bpe, tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_exported(out)
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("kind", ["pi", "ntk", "yarn", "dynamic_ntk"])
+def test_rope_evaluated_with_scaling_exports_llama_when_transformers_matches(kind, bpe, text, tmp_path):
+    model = tiny("rope", bpe.vocab_size)
+    model.set_rope_scaling({"type": kind, "factor": 4.0, "original_max_len": 64})
+    out = save_hf(model, bpe, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    ids = torch.tensor([bpe.encode(austen(70_000, 2000))[:200]])  # beyond the 64 trained positions
+    native = model(ids)[0]
+    if kind != "dynamic_ntk":
+        assert config["model_type"] == "llama" and config["max_position_embeddings"] == 256
+        assert config["rope_parameters"]["rope_type"] == {"pi": "linear", "ntk": "default", "yarn": "yarn"}[kind]
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert type(hf).__name__ == "LlamaForCausalLM"
+        with torch.no_grad():
+            assert (hf(ids).logits - native).abs().max().item() <= TOL
+    else:  # transformers' dynamic keeps the longest length seen: keep bifocal's own code
+        assert config["model_type"] == "bifocal"
+    assert (load_exported(out)[0](ids)[0] - native).abs().max().item() <= TOL

@@ -51,3 +51,24 @@ def test_lm_eval_loglikelihood_matches_native(tiny_config, tmp_path, monkeypatch
         with torch.no_grad():
             logp = model(ids)[0].log_softmax(-1)[0, len(ctx) - 1:-1].gather(-1, ids[0, len(ctx):, None]).sum().item()
         assert sample["resps"][0][0][0] == pytest.approx(logp, abs=1e-4)
+
+
+def test_lm_eval_max_length_is_the_declared_context(tiny_config, tmp_path):
+    """lm-eval reads max_position_embeddings: the export's intended context, not the training length."""
+    from lm_eval.models.huggingface import HFLM
+
+    from bifocal.data_pipeline.loader import PreparedData
+    from bifocal.model.hf.hf_io import load_exported, save_hf
+    from bifocal.model import GPT, GPTConfig
+
+    tok = PreparedData(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]).tokenizer()
+    for scheme, scaling, context, expected in (("bifocal", None, 512, 512), ("rope", None, None, 64),
+                                               ("rope", {"type": "pi", "factor": 4.0, "original_max_len": 64}, None, 256),
+                                               ("rope", None, 1024, 1024)):
+        model = GPT(GPTConfig.from_dict({"vocab_size": tok.vocab_size, "n_layer": 1, "n_head": 2, "d_model": 16,
+                                         "max_seq_len": 64,
+                                         "position": {"scheme": scheme, "rope_scaling": scaling}})).eval()
+        export = save_hf(model, tok, tmp_path / f"{scheme}-{context}-{bool(scaling)}", context=context)
+        lm = HFLM(pretrained=str(export), trust_remote_code=scheme != "rope", device="cpu", batch_size=1)
+        assert lm.max_length == expected == lm.tokenizer.model_max_length
+        assert load_exported(export)[1].to_dict() == model.cfg.to_dict()  # the training length survives

@@ -188,3 +188,16 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
                               device="cpu", out=str(tmp_path / "x.json"))
     with pytest.raises(BifocalError, match="no length"):
         main(args)
+
+
+def test_default_batch_matches_batch_one_and_logs_progress_without_a_terminal(docs, capsys):
+    from bifocal.eval.perplexity import default_batch_size
+
+    assert default_batch_size(128) == 64 and default_batch_size(1024) == 16 and default_batch_size(10**6) == 1
+    model = make_model("bifocal")
+    one = evaluate_perplexity(model, docs, [8, 16], batch_size=1, progress=False)
+    auto = evaluate_perplexity(model, docs, [8, 16])  # pytest's stderr is no terminal: plain lines
+    for a, b in zip(one, auto):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ppl L=")]
+    assert lines and lines[-1] == f"ppl L=16: {auto[1]['windows']}/{auto[1]['windows']} windows, batch 64"

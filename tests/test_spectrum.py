@@ -125,3 +125,16 @@ def test_nearest_to_modulus_is_circular():
     assert (got["pair"], got["k"]) == (1, 1) and got["distance"] == pytest.approx(0.01, abs=1e-9)
     wrapped = spectrum.nearest_to_modulus(np.array([2 * math.pi + 3 * target, 0.05]), 7)
     assert (wrapped["pair"], wrapped["k"]) == (0, 3) and wrapped["distance"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frequency_figure_labels_every_spectral_head():
+    import matplotlib.pyplot as plt
+
+    from bifocal.run.metrics import frequency_figure, spectral_snapshot
+
+    model = random_model(64, "bifocal")  # 2 layers, heads 2 and 3 spectral
+    fig = frequency_figure(spectral_snapshot(model, zero3=False), model.cfg.head_dim, model.cfg.position.rope_base,
+                           model.cfg.n_head)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    assert labels == ["RoPE theta (init)", "L0 h2", "L0 h3", "L1 h2", "L1 h3"]

@@ -3,8 +3,10 @@ two "nodes", exact resume, kill -9, bad configs and NaN losses."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +69,35 @@ def test_one_process_run_is_complete(reference):
     assert len(acc.Scalars("train/loss")) == 8
     assert any("omega" in t for t in tags["histograms"]) and any("phase" in t for t in tags["histograms"])
     assert "spectral/frequencies_vs_rope" in tags["images"]
+    # The run's hyperparameters (HPARAMS tab) with its final numbers.
+    assert acc.PluginTagToContent("hparams") and "hparam/val_loss" in tags["scalars"]
+    # No terminal (captured output): a plain training line every log_every (1 here) steps.
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ") and "tokens/s" in ln]
+    assert [ln.split(":")[0] for ln in lines] == [f"step {s}/8" for s in range(1, 9)]
+    assert re.fullmatch(r"step 8/8: loss \d+\.\d{4}, lr [\d.e-]+, [\d,]+ tokens/s, ETA 0m00s", lines[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the wandb extra is not installed")
+def test_wandb_logging_offline(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config, tmp_path, "wb", "train.max_steps=2", "train.eval_every=2", "train.wandb_project=bifocal-test")
+    [offline] = (tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*-wb")
+    [records] = offline.glob("run-wb.wandb")  # what `wandb sync` uploads: config, history, summary
+    data = records.read_bytes()
+    for needle in (b"bifocal-test", b"max_steps", b"train/loss", b"train/tokens_per_s", b"val/val_loss"):
+        assert needle in data, needle
+
+
+def test_wandb_missing_is_one_line(tiny_config, tmp_path):
+    script = ("import sys; sys.modules['wandb'] = None\n"
+              "from bifocal.launcher.cli import main\n"
+              f"sys.exit(main(['train', '--config', {str(tiny_config)!r}, '--set', 'train.wandb_project=p']))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("bifocal: error: train.wandb_project='p' needs wandb: "
+                                                    "pip install 'bifocal[wandb]'")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -15,7 +15,7 @@ from ..config import GPTConfig
 
 # Standard names derived from the GPTConfig; values found for them in config.json are ignored.
 _DERIVED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings")
 
 
 class BifocalConfig(PretrainedConfig):
@@ -35,7 +35,9 @@ class BifocalConfig(PretrainedConfig):
         self.num_attention_heads = cfg.n_head
         self.num_key_value_heads = cfg.n_kv_head
         self.head_dim = cfg.head_dim
-        self.max_position_embeddings = cfg.max_seq_len
+        # The intended context (what lm-eval and generation utilities read as the model's
+        # length); the exporter may set it beyond the training length. Positions are not limited.
+        self.max_position_embeddings = int(kwargs.pop("max_position_embeddings", None) or cfg.max_seq_len)
         self.rms_norm_eps = cfg.norm_eps
         super().__init__(tie_word_embeddings=cfg.tie_embeddings, **kwargs)
 

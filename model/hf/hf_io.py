@@ -67,9 +67,40 @@ def llama_to_native_name(name: str) -> str:
     raise ValueError(f"Llama weight {name!r} has no bifocal equivalent")
 
 
+def intended_context(cfg: GPTConfig) -> int:
+    """The context an export declares by default: a scaled rope model's original length times
+    its factor, else the training length (`bifocal export --context` states another)."""
+    scaling = cfg.position.rope_scaling
+    return int(scaling.original_max_len * scaling.factor) if scaling is not None else cfg.max_seq_len
+
+
+def llama_rope(cfg: GPTConfig) -> tuple[dict[str, Any], int] | None:
+    """(rope_parameters, max_position_embeddings) of a rope model in transformers' terms, or None
+    when its eval-time scaling has no exact transformers equivalent. pi is transformers' `linear`,
+    yarn its `yarn`; static NTK is plain RoPE with the enlarged base. Dynamic NTK stays in the
+    bifocal format: transformers keeps the frequencies of the longest input seen and takes the
+    original length from max_position_embeddings (the declared context)."""
+    pos, scaling = cfg.position, cfg.position.rope_scaling
+    base = float(pos.rope_base)
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": base}, cfg.max_seq_len
+    s, d = float(scaling.factor), cfg.head_dim
+    context = intended_context(cfg)
+    if scaling.type == "pi":
+        return {"rope_type": "linear", "factor": s, "rope_theta": base}, context
+    if scaling.type == "ntk":
+        return {"rope_type": "default", "rope_theta": base * s ** (d / (d - 2))}, context
+    if scaling.type == "yarn":
+        return {"rope_type": "yarn", "factor": s, "rope_theta": base,
+                "original_max_position_embeddings": scaling.original_max_len,
+                "beta_fast": float(scaling.beta_fast), "beta_slow": float(scaling.beta_slow)}, context
+    return None
+
+
 def is_llama_compatible(cfg: GPTConfig) -> bool:
-    """rope without eval-time scaling is Llama exactly (same layout, norms and rotation)."""
-    return cfg.position.scheme == "rope" and cfg.position.rope_scaling is None
+    """rope (with no scaling, or one transformers computes identically) is Llama exactly (same
+    layout, norms and rotation)."""
+    return cfg.position.scheme == "rope" and llama_rope(cfg) is not None
 
 
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -115,27 +146,34 @@ def load_native_state_dict_into_hf(hf_model: torch.nn.Module, native_sd: dict[st
 
 # -- configs ------------------------------------------------------------------------------------
 
-def llama_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None) -> dict[str, Any]:
+def llama_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
+                      context: int | None = None) -> dict[str, Any]:
     from transformers import LlamaConfig
 
+    rope_parameters, default_context = llama_rope(cfg)
+    context = context or default_context
     hf = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=context,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.position.rope_base)},
+        rope_parameters=rope_parameters,
         attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-        bos_token_id=None, eos_token_id=eos_id, pad_token_id=None,
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     hf.architectures = ["LlamaForCausalLM"]
     hf.dtype = dtype
-    return hf.to_dict()
+    out = hf.to_dict()
+    out["bifocal_max_seq_len"] = cfg.max_seq_len  # the training length, when the context says more
+    return out
 
 
-def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None) -> dict[str, Any]:
+def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
+                        context: int | None = None) -> dict[str, Any]:
     from .configuration_bifocal import BifocalConfig
 
-    hf = BifocalConfig(bifocal=cfg.to_dict(), bos_token_id=None, eos_token_id=eos_id)
+    hf = BifocalConfig(bifocal=cfg.to_dict(), bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id,
+                       max_position_embeddings=context or intended_context(cfg))
     hf.architectures = ["BifocalForCausalLM"]
     hf.auto_map = dict(AUTO_MAP)
     hf.dtype = dtype
@@ -145,11 +183,12 @@ def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None) 
 def gpt_config_from_llama(d: dict[str, Any], where: Path) -> GPTConfig:
     """GPTConfig for a Llama config.json, refusing what GPT cannot represent."""
     rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+    rope_type = rope.get("rope_type", "default")
     checks = {
         "hidden_act": (d.get("hidden_act", "silu"), "silu"),
         "attention_bias": (d.get("attention_bias", False), False),
         "mlp_bias": (d.get("mlp_bias", False), False),
-        "rope_type": (rope.get("rope_type", "default"), "default"),
+        "rope_type": (rope_type, rope_type if rope_type in ("default", "linear", "yarn") else "default, linear or yarn"),
     }
     for key, (got, want) in checks.items():
         if got != want:
@@ -158,12 +197,27 @@ def gpt_config_from_llama(d: dict[str, Any], where: Path) -> GPTConfig:
     head_dim = d.get("head_dim") or d["hidden_size"] // n_head
     if head_dim * n_head != d["hidden_size"]:
         raise ValueError(f"{where}: head_dim * num_attention_heads != hidden_size, which GPT cannot represent")
+    context = d.get("max_position_embeddings", 2048)
+    max_len = d.get("bifocal_max_seq_len") or context
+    position: dict[str, Any] = {"scheme": "rope", "rope_base": float(rope["rope_theta"])}
+    if rope_type == "linear":  # position interpolation; by default the context is original * factor
+        factor = float(rope["factor"])
+        if "bifocal_max_seq_len" not in d:
+            max_len = max(1, round(context / factor))
+        position["rope_scaling"] = {"type": "pi", "factor": factor, "original_max_len": max_len}
+    elif rope_type == "yarn":
+        position["rope_scaling"] = {"type": "yarn", "factor": float(rope["factor"]),
+                                    "original_max_len": int(rope["original_max_position_embeddings"]),
+                                    "beta_fast": float(rope.get("beta_fast") or 32.0),
+                                    "beta_slow": float(rope.get("beta_slow") or 1.0)}
+        if "bifocal_max_seq_len" not in d:
+            max_len = int(rope["original_max_position_embeddings"])
     return GPTConfig(
         vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
         n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"], d_ff=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_seq_len=max_len, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         norm_eps=d.get("rms_norm_eps", 1e-6), init_std=d.get("initializer_range", 0.02),
-        position={"scheme": "rope", "rope_base": float(rope["rope_theta"])},
+        position=position,
     )
 
 
@@ -213,9 +267,20 @@ def _collect_tokenizer(src: Any, staging: Path) -> list[Path]:
     return files
 
 
-def write_tokenizer(src: Any, out_dir: Path) -> tuple[str | None, int | None]:
+def _usable_defaults(tok_cfg: dict, eos: str | None, max_length: int | None) -> dict:
+    """A pad token (the end-of-text token, as GPT-2 and Llama exports do), the model's context
+    as model_max_length, and left padding (decoder-only batched generation) where unset."""
+    if eos is not None and not tok_cfg.get("pad_token"):
+        tok_cfg["pad_token"] = eos
+    if max_length is not None and not (0 < int(tok_cfg.get("model_max_length") or 0) < 10**9):
+        tok_cfg["model_max_length"] = max_length
+    tok_cfg.setdefault("padding_side", "left")
+    return tok_cfg
+
+
+def write_tokenizer(src: Any, out_dir: Path, max_length: int | None = None) -> tuple[str | None, int | None]:
     """Copy the tokenizer into `out_dir` so `AutoTokenizer.from_pretrained(out_dir)` loads it
-    with the same ids; returns its (eos token, eos id)."""
+    with the same ids, a pad token and `model_max_length`; returns its (eos token, eos id)."""
     with tempfile.TemporaryDirectory() as tmp:
         files = _collect_tokenizer(src, Path(tmp))
         names = {f.name for f in files}
@@ -226,6 +291,8 @@ def write_tokenizer(src: Any, out_dir: Path) -> tuple[str | None, int | None]:
         if "tokenizer_config.json" in names:  # already a transformers tokenizer: keep its config
             for f in files:
                 shutil.copyfile(f, out_dir / f.name)
+            path = out_dir / "tokenizer_config.json"
+            path.write_text(json.dumps(_usable_defaults(json.loads(path.read_text()), eos, max_length), indent=2) + "\n")
             return eos, eos_id
         if main.name == BPE_FILE:
             shutil.copyfile(main, out_dir / BPE_FILE)
@@ -238,6 +305,7 @@ def write_tokenizer(src: Any, out_dir: Path) -> tuple[str | None, int | None]:
             tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
                        "bos_token": None, "unk_token": "<unk>"}
     tok_cfg.update({"eos_token": eos, "clean_up_tokenization_spaces": False})
+    _usable_defaults(tok_cfg, eos, max_length)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return eos, eos_id
 
@@ -290,13 +358,15 @@ def geometry_metadata(cfg: GPTConfig) -> dict[str, str]:
 
 
 def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype: torch.dtype | str = torch.float32,
-            max_shard_size: int | str = "2GB", extra_card: dict | None = None) -> Path:
+            max_shard_size: int | str = "2GB", extra_card: dict | None = None, context: int | None = None) -> Path:
     """Write a Hugging Face directory: config.json, safetensors weights (sharded with an index
     above `max_shard_size`), tokenizer, generation_config.json and a README.md model card
     (`extra_card`: e.g. {"training_config": ..., "final_metrics": ...}).
 
     `tokenizer_dir_or_files`: a directory, a tokenizer.json / .model file, a list of files, a
-    transformers tokenizer or a bifocal TextTokenizer; None exports without a tokenizer."""
+    transformers tokenizer or a bifocal TextTokenizer; None exports without a tokenizer.
+    `context`: the intended context declared as max_position_embeddings and the tokenizer's
+    model_max_length (what lm-eval uses as max_length); default `intended_context(cfg)`."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
@@ -308,14 +378,14 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
     out.mkdir(parents=True, exist_ok=True)
     eos, eos_id = (None, None)
     if tokenizer_dir_or_files is not None:
-        eos, eos_id = write_tokenizer(tokenizer_dir_or_files, out)
+        eos, eos_id = write_tokenizer(tokenizer_dir_or_files, out, context or intended_context(model.cfg))
     fmt = "llama" if is_llama_compatible(model.cfg) else "bifocal"
     if fmt == "llama":
-        config = llama_config_dict(model.cfg, dtype, eos_id)
+        config = llama_config_dict(model.cfg, dtype, eos_id, context)
     else:
         from .export_code import write_code
 
-        config = bifocal_config_dict(model.cfg, dtype, eos_id)
+        config = bifocal_config_dict(model.cfg, dtype, eos_id, context)
         write_code(out, CODE_ENTRIES)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):

@@ -80,15 +80,14 @@ class BifocalForCausalLM(BifocalPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """transformers conventions: `labels` are the inputs themselves (shifted here, -100
         ignored). Positions always continue from the cache length (`position_ids` is ignored:
-        every scheme depends on relative positions only), and padding is not supported."""
+        every scheme depends on relative positions only). `attention_mask` may mark padding, left
+        or right (batched generation pads on the left)."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("BifocalForCausalLM takes input_ids (inputs_embeds is not supported)")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("BifocalForCausalLM does not support padding: attention_mask must be all ones")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         cache = _CacheView(past_key_values) if past_key_values is not None else None
         aligned = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
-        logits, loss = self.model(input_ids, aligned, cache=cache)
+        logits, loss = self.model(input_ids, aligned, cache=cache, attention_mask=attention_mask)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
