@@ -18,7 +18,7 @@ from bifocal.run import distributed as dist
 from bifocal.launcher.bench import Runner, bench_config, build_engine, measure, parse_schemes
 from bifocal.launcher.cli import build_parser
 from bifocal.launcher.step import train_step
-from bifocal.launcher.train import prepare_data
+from bifocal.launcher.setup import prepare_data
 
 
 def sync_per_micro_batch(engine, sampler, device: str, grad_accum: int) -> None:

@@ -108,7 +108,7 @@ def build_engine(cfg: RunConfig, scheme: str, data):
 
     from bifocal.data_pipeline.loader import WindowSampler
 
-    from .train import build_optimizer
+    from .setup import build_optimizer
 
     model = build_model(cfg, scheme, data.vocab_size)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -132,7 +132,7 @@ def plain_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
     """The same model, batch and dtype in a bare PyTorch loop: autocast for bf16, AdamW, clipping."""
     from bifocal.data_pipeline.loader import WindowSampler
 
-    from .train import build_optimizer
+    from .setup import build_optimizer
 
     model = build_model(cfg, scheme, data.vocab_size).to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -298,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
     device = dist.resolve_device(cfg.train.device)
     peak = peak_flops(device, cfg.deepspeed.precision, args.peak_tflops)
     dist.init_distributed(device)
-    from .train import prepare_data
+    from .setup import prepare_data
 
     data = prepare_data(cfg)
     builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]

@@ -74,14 +74,16 @@ class CausalLMAdapter(nn.Module):
         self.cfg: GPTConfig = surgery_config(model.config, settings["spectral_heads"], settings["phase_init_std"],
                                              settings["spectral_lr_mult"])
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
+                return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Logits and, for ALIGNED labels (labels[t] is the target at position t, -100 ignored),
-        the mean cross-entropy: exactly GPT.forward's contract."""
+        the mean cross-entropy: exactly GPT.forward's contract (the training step passes
+        `return_logits=False`; the logits are built here either way)."""
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def spectral_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if _is_spectral(name)]

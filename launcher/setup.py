@@ -1,0 +1,262 @@
+"""Everything before the first training step, in order: config and run directory, process group
+and the run-directory lock, data (prepared by rank 0 when missing), the checks a resume must pass,
+the model (native, or a spectralized Hugging Face model), AdamW with per-group learning-rate
+multipliers and warmup+cosine, the DeepSpeed engine, and the resumed state. Every check comes
+before the first write into the run directory, so a refused start changes nothing.
+
+`setup` returns the small `TrainState` that the loop in train.py steps forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bifocal.core.errors import BifocalError
+from bifocal.data_pipeline.loader import PreparedData, WindowSampler
+from bifocal.run import checkpoint, distributed as dist
+from bifocal.run.config import RunConfig, deepspeed_config, load_config, save_config
+from bifocal.run.metrics import drop_rows_after, require_wandb
+from bifocal.run.run_lock import RunLock
+
+from . import preflight
+
+
+@dataclass
+class TrainState:
+    """What the loop reads and advances: the engine, its data stream and the step count."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: str
+    engine: Any  # deepspeed.DeepSpeedEngine
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # also stepped by the engine; read for the logged lr
+    data: PreparedData
+    sampler: WindowSampler
+    validate: bool  # False when data.val_fraction=0
+    resume: bool  # started with --resume
+    step: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return dist.rank() == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch * t.grad_accum * dist.world_size() * t.seq_len
+
+    def client_state(self) -> dict[str, Any]:
+        """What a checkpoint stores beside DeepSpeed's own state, so a resume sees the same data."""
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "tokenizer_hash": self.data.tokenizer_hash,
+                "world_size": dist.world_size()}
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps (multiplies each
+    group's own initial lr, so the spectral multiplier survives the schedule)."""
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def apply_hyperparameters(optimizer, scheduler, fresh: list[dict]) -> None:
+    """After a resume: the checkpoint restored the old run's lr, betas, eps and weight decay into
+    every param group; put back those of this run's config (`fresh`, captured when the optimizer
+    was built) and recompute the current lr from the (possibly changed) schedule."""
+    for group, want, factor in zip(optimizer.param_groups, fresh, scheduler.lr_lambdas):
+        group.update({k: want[k] for k in HYPERPARAMETERS})
+        group["lr"] = want["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [want["initial_lr"] for want in fresh]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Collective: rank 0 takes the run directory's lock and every rank learns whether it did."""
+    lock, refused = RunLock(run_dir), None
+    if dist.rank() == 0:
+        try:
+            lock.acquire()
+        except BifocalError as exc:
+            refused = exc
+    if dist.all_reduce_sum([1.0 if refused else 0.0])[0]:
+        raise refused or BifocalError(f"run directory {run_dir} is in use (rank 0 could not lock it)")
+    return lock
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
+    groups = model.param_groups(cfg.optim.weight_decay)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g.pop("lr_mult")
+        g.pop("name", None)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """Config and run directory. `--resume` without `--config` reuses the run's own config."""
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.train.out_dir) / cfg.train.run_name
+    if args.resume and not args.config and (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    return cfg, run_dir
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    has_ckpt = bool(checkpoint.complete_checkpoints(run_dir))
+    if not resume and (has_ckpt or (run_dir / "metrics.jsonl").exists()):
+        raise BifocalError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                           f"or choose another train.run_name / --run-dir (nothing was overwritten)")
+    if resume and not has_ckpt and (run_dir / "metrics.jsonl").exists():
+        raise BifocalError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Rank 0 prepares the data when missing; the others wait. Returns the opened PreparedData."""
+    from bifocal.data_pipeline.prepare import prepare
+
+    out = Path(cfg.data.prepared_dir)
+    if dist.rank() == 0:
+        # A finished directory with the same data settings is used without the raw corpora (copied
+        # shards train on their own); otherwise prepare() builds it, or refuses one made from
+        # another config, so a changed data section never trains on stale shards.
+        prepare(cfg.data, out, trust_complete=True)
+    dist.barrier()
+    return PreparedData(out)
+
+
+def hf_source(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> dict | None:
+    """The Hugging Face model a run continues (`--init-from-hf`, or recorded by an earlier start)."""
+    recorded = run_dir / "init_from_hf.json"
+    if args.resume and recorded.is_file():
+        return json.loads(recorded.read_text())
+    if not getattr(args, "init_from_hf", None):
+        return None
+    path = Path(args.init_from_hf)
+    if not (path / "config.json").is_file():
+        raise BifocalError(f"--init-from-hf: {path} is not a Hugging Face model directory (no config.json)")
+    pos = cfg.model.position
+    heads = pos.spectral_heads if pos.scheme == "bifocal" else None
+    return {"path": str(path.resolve()), "spectral_heads": heads, "phase_init_std": pos.phase_init_std}
+
+
+def build_model(cfg: RunConfig, data: PreparedData, hf: dict | None) -> torch.nn.Module:
+    if hf:
+        from bifocal.model.surgery import load_spectralized
+
+        try:
+            model = load_spectralized(hf["path"], spectral_heads=hf["spectral_heads"],
+                                      phase_init_std=hf["phase_init_std"],
+                                      spectral_lr_mult=cfg.model.position.spectral_lr_mult)
+        except (OSError, ValueError) as exc:  # no safetensors weights, a config transformers rejects...
+            raise BifocalError(f"--init-from-hf {hf['path']}: {str(exc).strip().splitlines()[0]}") from None
+        if model.cfg.vocab_size < data.vocab_size:
+            raise BifocalError(f"{hf['path']} has {model.cfg.vocab_size} tokens but the data in {data.path} was "
+                               f"prepared with a {data.vocab_size}-token tokenizer; set data.tokenizer.path to the "
+                               f"model's tokenizer")
+        return model
+    from dataclasses import replace
+
+    from bifocal.model import GPT
+
+    if cfg.vocab_from_data:
+        cfg.model = replace(cfg.model, vocab_size=data.vocab_size)
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise BifocalError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"{data.vocab_size} tokens in {data.path}")
+    torch.manual_seed(cfg.train.seed)
+    return GPT(cfg.model)
+
+
+def universal_checkpoint(path: Path, cfg: RunConfig, world: int) -> Path:
+    """A checkpoint saved on another number of ranks loads through DeepSpeed's universal format."""
+    if cfg.deepspeed.zero_stage == 0:
+        return path  # full model and optimizer states in one file: any rank count loads them
+    if dist.rank() == 0:
+        print(f"bifocal: {path.name} was saved on {checkpoint.saved_world_size(path)} ranks, resuming on "
+              f"{world}: converting to a universal checkpoint", flush=True)
+        checkpoint.to_universal(path)
+    dist.barrier()
+    return path.parent / "universal" / path.name
+
+
+def resume(state: TrainState, path: Path, changes: list[tuple[str, Any, Any]], optimizer: torch.optim.Optimizer,
+           fresh: list[dict]) -> None:
+    """Load engine, optimizer, schedule, RNG and the sampler position from a checkpoint; then put
+    back the hyperparameters the resumed config changed (`fresh`: this config's, per group)."""
+    client = checkpoint.load(state.engine, state.run_dir, path)
+    data = state.data
+    if client.get("tokenizer_hash") not in (None, data.tokenizer_hash):
+        raise BifocalError(f"{data.path} was prepared with another tokenizer than the run {state.run_dir} "
+                           f"(hash {data.tokenizer_hash[:12]} != {client['tokenizer_hash'][:12]})")
+    state.sampler.load_state_dict(client["sampler"])
+    state.step = int(client["step"])
+    if changes:
+        apply_hyperparameters(optimizer, state.scheduler, fresh)
+    if state.is_main:
+        print(f"bifocal: resumed from {path} at step {state.step}", flush=True)
+        for key, before, after in changes:
+            print(f"bifocal: resume applies {key}: {before!r} -> {after!r}", flush=True)
+        drop_rows_after(state.run_dir, state.step)  # the steps after the checkpoint are trained again
+
+
+def write_run_files(cfg: RunConfig, run_dir: Path, data: PreparedData, hf: dict | None) -> None:
+    """Rank 0: what evaluation and export read back besides checkpoints. config.yaml says what
+    runs, including the changes a resume applied."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    data.tokenizer().save(run_dir / "tokenizer")
+    if hf:
+        (run_dir / "init_from_hf.json").write_text(json.dumps(hf, indent=1))
+
+
+def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) -> TrainState:
+    """Collective, while this process holds the run directory: every rank builds the same engine;
+    returns the state at the first step to run."""
+    import deepspeed
+
+    rank, world = dist.rank(), dist.world_size()
+    check_run_dir(run_dir, args.resume)
+    require_wandb(cfg.train.wandb_project)
+
+    data = prepare_data(cfg)
+    hf = hf_source(args, run_dir, cfg)
+    changes = preflight.check_resume(run_dir, cfg, data, from_hf=bool(hf)) if args.resume else []
+    validate = preflight.check_validation(cfg, data, rank, world)
+    model = build_model(cfg, data, hf)
+    if hf:
+        cfg.model = model.cfg  # the Hugging Face model's own shape, for logging and evaluation
+    optimizer, scheduler = build_optimizer(model, cfg)
+    fresh = [{k: g[k] for k in HYPERPARAMETERS} for g in optimizer.param_groups]
+    ds_config = deepspeed_config(cfg, world)
+    resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
+    if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world:
+        resume_from = (resume_from[0], universal_checkpoint(resume_from[1], cfg, world))
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
+                            rank=rank, world_size=world)
+    state = TrainState(cfg=cfg, run_dir=run_dir, device=device, engine=engine, scheduler=scheduler, data=data,
+                       sampler=sampler, validate=validate, resume=args.resume)
+    if resume_from is not None:
+        resume(state, resume_from[1], changes, optimizer, fresh)
+    if rank == 0:
+        write_run_files(cfg, run_dir, data, hf)
+    return state
