@@ -68,11 +68,9 @@ def distance_mass(probs: Tensor) -> Tensor:
 def head_groups(model: GPT) -> list[str]:
     """Per head of a layer: geometric (fixed RoPE), spectral (learned), or the scheme's name."""
     cfg = model.cfg
-    scheme = cfg.position.scheme
-    if scheme in ("rope", "spectral", "bifocal"):
-        n_spec = cfg.n_spectral_heads
-        return ["geometric"] * (cfg.n_head - n_spec) + ["spectral"] * n_spec
-    return [scheme] * cfg.n_head
+    if cfg.n_fixed_heads or cfg.n_spectral_heads:  # fixed heads first, as the position module lays them out
+        return ["geometric"] * cfg.n_fixed_heads + ["spectral"] * cfg.n_spectral_heads
+    return [cfg.position.scheme] * cfg.n_head
 
 
 @dataclass

@@ -26,14 +26,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
+from bifocal.model.loss import cross_entropy
 
 Documents = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
 # Position schemes with no fixed-frequency head: training-free RoPE scaling cannot change them.
-UNSCALED_SCHEMES = ("spectral", "pope", "nope")
 
 
 class PerplexityWarning(UserWarning):
@@ -121,8 +120,7 @@ def _score(model: GPT, docs: list[np.ndarray], plan: list[Window], length: int, 
             for row, w in enumerate(batch):
                 y[row, :length - w.score] = -100  # context only: scored by an earlier window
             logits, _ = model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
+            loss = cross_entropy(logits, y, reduction="sum")
             total_loss += float(loss)
             total_tokens += sum(w.score for w in batch)
             bar.update(len(batch))
@@ -290,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
     documents, described = resolve_documents(model_path, args.data, tokenizer)
     scheme = model.cfg.position.scheme
     factor = apply_scaling(model, args.rope_scaling, args.factor, lengths)
-    if args.rope_scaling and scheme in UNSCALED_SCHEMES:
+    if args.rope_scaling and not model.cfg.n_fixed_heads:
         print(f"warning: --rope-scaling has no effect on a {scheme} model (no fixed-frequency heads)",
               file=sys.stderr)
     skipped: dict[int, str] = {}

@@ -46,7 +46,7 @@ def spectral_heads(model: GPT) -> list[dict[str, Any]]:
     if n_spec == 0:
         return []
     group = cfg.n_head // cfg.n_kv_head
-    from bifocal.model.position.spectral import spectral_init_freq
+    from bifocal.model.position import spectral_init_freq
 
     theta = spectral_init_freq(cfg).numpy()  # where Omega started (RoPE's theta unless spectral_init says otherwise)
     out = []
@@ -101,9 +101,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_frequencies(model: GPT, path: Path, modulus: int | None) -> Path:
+    from bifocal.model.position import spectral_init_freq
     from bifocal.run.metrics import frequency_figure, spectral_snapshot
 
-    fig = frequency_figure(spectral_snapshot(model, zero3=False), model.cfg.head_dim, model.cfg.position.rope_base,
+    fig = frequency_figure(spectral_snapshot(model, zero3=False), spectral_init_freq(model.cfg).numpy(),
                            model.cfg.n_head)
     if modulus:
         ax = fig.axes[0]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from bifocal.data_pipeline.synthetic import Example, check_answer, eval_settings, generate_examples
 from bifocal.data_pipeline.tokenizer import TextTokenizer
 from bifocal.model import GPT
+from bifocal.model.loss import cross_entropy
 
 from .describe import default_out, model_name, model_scheme, train_len
 from .generate import generate
@@ -60,7 +61,7 @@ def answer_nll(model: GPT, enc: Encoded) -> tuple[float, int]:
     start = len(enc.prompt) - 1  # the logit at the last prompt token predicts the first answer token
     pred = logits[0, start:].float()
     target = ids[0, len(enc.prompt):]
-    return float(torch.nn.functional.cross_entropy(pred, target, reduction="sum")), int(target.numel())
+    return float(cross_entropy(pred, target, reduction="sum")), int(target.numel())
 
 
 def greedy_answer(model: GPT, tok: TextTokenizer, enc: Encoded, newline_id: int | None) -> str:

@@ -29,6 +29,7 @@ import torch
 
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import WindowSampler
+from bifocal.model.position import spectral_init_freq
 from bifocal.run import checkpoint, distributed as dist
 from bifocal.run.metrics import MetricsLogger, plot_loss, spectral_snapshot, train_line
 
@@ -128,7 +129,7 @@ class Validation:
             tqdm.write(f"step {state.step}/{self.max_steps}: validation loss {loss:.4f}", file=sys.stdout)
         model = state.cfg.model
         snapshot = spectral_snapshot(state.engine.module, state.engine.zero_optimization_stage() == 3)
-        self.metrics.spectral(state.step, snapshot, model.head_dim, model.position.rope_base, model.n_head)
+        self.metrics.spectral(state.step, snapshot, spectral_init_freq(model).numpy(), model.n_head)
 
 
 def evaluate(state: TrainState) -> float:

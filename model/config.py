@@ -125,6 +125,11 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
+    def n_fixed_heads(self) -> int:
+        """Query heads per layer that rotate by RoPE's fixed frequencies (what rope_scaling scales)."""
+        return self.n_head - self.n_spectral_heads if self.position.scheme in ("rope", "bifocal") else 0
+
+    @property
     def n_spectral_heads(self) -> int:
         """Spectral (learned-frequency) query heads per layer."""
         scheme = self.position.scheme

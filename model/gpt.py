@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig, RopeScaling
 from .loss import cross_entropy, linear_cross_entropy
-from .position import PositionContext, build_position, make_context
+from .position import PositionContext, build_position, make_context, position_parameters
 
 
 class RMSNorm(nn.Module):
@@ -218,30 +218,15 @@ class GPT(nn.Module):
 
     # -- training helpers -------------------------------------------------------------------
 
-    def spectral_parameters(self) -> list[nn.Parameter]:
-        """Omega offsets, A, Phi of spectral heads and PoPE's delta: the position parameters."""
-        return [p for name, p in self.named_parameters() if ".position." in name]
+    def position_parameters(self) -> dict[str, nn.Parameter]:
+        """Omega, A, Phi of spectral heads and PoPE's delta, by name (see position_parameters)."""
+        return position_parameters(self)
 
     def param_groups(self, weight_decay: float, spectral_lr_mult: float | None = None) -> list[dict]:
-        """Optimizer groups: matrices with weight decay; norms without; position parameters
-        without decay and with their own learning-rate multiplier (`lr_mult`, read by the
-        scheduler)."""
+        """Optimizer groups (see `param_groups`); the position parameters' learning-rate multiplier
+        defaults to position.spectral_lr_mult."""
         mult = self.cfg.position.spectral_lr_mult if spectral_lr_mult is None else spectral_lr_mult
-        spectral = {id(p) for p in self.spectral_parameters()}
-        decay, no_decay, seen = [], [], set()
-        for p in self.parameters():
-            if id(p) in spectral or id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
-        ]
-        trainable_spectral = [p for p in self.spectral_parameters() if p.requires_grad]
-        if trainable_spectral:
-            groups.append({"params": trainable_spectral, "weight_decay": 0.0, "lr_mult": mult, "name": "spectral"})
-        return [g for g in groups if g["params"]]
+        return param_groups(self, weight_decay, mult)
 
     def set_rope_scaling(self, scaling: RopeScaling | dict | None) -> None:
         """Switch training-free RoPE scaling for the fixed-frequency heads; no retraining."""
@@ -252,3 +237,20 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+
+def param_groups(module: nn.Module, weight_decay: float, position_lr_mult: float) -> list[dict]:
+    """Optimizer groups of a GPT or a spectralized Hugging Face model: matrices with weight decay;
+    norms and biases without; position parameters without decay and with their own learning-rate
+    multiplier (`lr_mult`, read by the scheduler). Frozen parameters get no group."""
+    position = {id(p) for p in position_parameters(module).values()}
+    decay, no_decay, pos = [], [], []
+    for p in module.parameters():  # each shared (tied) parameter once
+        if p.requires_grad:
+            (pos if id(p) in position else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
+        {"params": pos, "weight_decay": 0.0, "lr_mult": position_lr_mult, "name": "position"},
+    ]
+    return [g for g in groups if g["params"]]

@@ -23,9 +23,12 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**26
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over labels != -100, softmax in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+def cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy over labels != -100 (mean, or "sum" for evaluation totals),
+    softmax in fp32. The one loss of the project: training, evaluation and the Hugging Face
+    surgery adapter all call it."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def default_chunk_rows(vocab_size: int) -> int:

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GPTConfig
+from .gpt import param_groups
+from .loss import cross_entropy
+from .position import position_parameters
 from .hf.spectral_attention import SURGERY_KEY, apply_surgery, surgery_config
 
-__all__ = ["spectralize", "spectral_param_groups", "CausalLMAdapter", "load_spectralized"]
+__all__ = ["spectralize", "CausalLMAdapter", "load_spectralized"]
 
 
 def spectralize(model: nn.Module, spectral_heads: int | None = None, phase_init_std: float = 1e-3,
@@ -37,28 +39,6 @@ def spectralize(model: nn.Module, spectral_heads: int | None = None, phase_init_
     groups) must be a multiple of n_head / n_kv_head. Spectral parameters are trainable."""
     return apply_surgery(model, spectral_heads, phase_init_std, spectral_lr_mult)
 
-
-def _is_spectral(name: str) -> bool:
-    return ".position." in name
-
-
-def spectral_param_groups(model: nn.Module, weight_decay: float, spectral_lr_mult: float | None = None) -> list[dict]:
-    """Optimizer groups like GPT.param_groups: matrices decay; norms, biases and the spectral
-    parameters do not; spectral parameters get `lr_mult` (default: the surgery's setting)."""
-    if spectral_lr_mult is None:
-        spectral_lr_mult = getattr(model.config, SURGERY_KEY, {}).get("spectral_lr_mult", 1.0)
-    decay, no_decay, spectral, seen = [], [], [], set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (spectral if _is_spectral(name) else decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
-        {"params": spectral, "weight_decay": 0.0, "lr_mult": spectral_lr_mult, "name": "spectral"},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 class CausalLMAdapter(nn.Module):
@@ -82,14 +62,17 @@ class CausalLMAdapter(nn.Module):
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+            loss = cross_entropy(logits, labels)
         return (logits if return_logits else None), loss
 
-    def spectral_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.model.named_parameters() if _is_spectral(name)]
+    def position_parameters(self) -> dict[str, nn.Parameter]:
+        """The spectral heads' Omega, A, Phi, by name (see bifocal.model.position.position_parameters)."""
+        return position_parameters(self.model)
 
     def param_groups(self, weight_decay: float, spectral_lr_mult: float | None = None) -> list[dict]:
-        return spectral_param_groups(self.model, weight_decay, spectral_lr_mult)
+        """GPT's optimizer groups (bifocal.model.gpt.param_groups); the multiplier defaults to the surgery's."""
+        mult = self.cfg.position.spectral_lr_mult if spectral_lr_mult is None else spectral_lr_mult
+        return param_groups(self.model, weight_decay, mult)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.model.parameters())
@@ -173,7 +156,7 @@ def load_spectralized(hf_dir: str | Path, spectral_heads: int | None = None, pha
         raise ValueError(f"{p} was spectralized with spectral_heads={saved['spectral_heads']}, not {spectral_heads}")
     delattr(model.config, SURGERY_KEY)
     spectralize(model, saved["spectral_heads"], saved["phase_init_std"], saved["spectral_lr_mult"])
-    names = {n for n, _ in model.named_parameters() if _is_spectral(n)}
+    names = set(position_parameters(model))
     weights = _read_weights(p, names)
     if set(weights) != names:
         raise ValueError(f"{p}: spectral parameters missing from the weights: {sorted(names - set(weights))[:3]}")

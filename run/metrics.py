@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from bifocal.model.position import SpectralRotary
+from bifocal.model.position import SpectralRotary, position_parameters
 
 
 def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndarray]:
     """Omega (theta + offset), A, Phi per layer and PoPE's delta, as numpy. Collective under ZeRO-3
     (parameters are gathered from their partitions), so every rank must call it."""
-    params = [(n, p) for n, p in module.named_parameters() if ".position." in n]
+    params = list(position_parameters(module).items())
     if not params:
         return {}
     if zero3:
@@ -38,18 +38,17 @@ def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndar
     return out
 
 
-def frequency_figure(snapshot: dict[str, np.ndarray], head_dim: int, base: float, n_head: int | None = None):
-    """Learned Omega of every spectral head against the RoPE theta it started from (log scale).
-    Each line is labelled with its layer and head (spectral heads are a layer's last heads, so
+def frequency_figure(snapshot: dict[str, np.ndarray], init_freq: np.ndarray, n_head: int | None = None):
+    """Learned Omega of every spectral head against the frequencies it started from, `init_freq`
+    (the model's answer: bifocal.model.position.spectral_init_freq), log scale. Each line is labelled with its layer and head (spectral heads are a layer's last heads, so
     with `n_head` the label is the head's index in the layer, else its index among the spectral)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    theta = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(len(theta)), theta, "k--", lw=2, label="RoPE theta (init)")
+    ax.plot(np.arange(len(init_freq)), init_freq, "k--", lw=2, label="Omega at init")
     for name, omega in snapshot.items():
         if name.endswith(".omega"):
             layer = name.split(".")[1]
@@ -164,7 +163,7 @@ class MetricsLogger:
         if self.wandb is not None and scalars:
             self.wandb.log(scalars, step=step)
 
-    def spectral(self, step: int, snapshot: dict[str, np.ndarray], head_dim: int, base: float,
+    def spectral(self, step: int, snapshot: dict[str, np.ndarray], init_freq: np.ndarray,
                  n_head: int | None = None) -> None:
         if not (self.enabled and self.tb is not None and snapshot):
             return
@@ -176,7 +175,7 @@ class MetricsLogger:
         if any(k.endswith(".omega") for k in snapshot):
             import matplotlib.pyplot as plt
 
-            fig = frequency_figure(snapshot, head_dim, base, n_head)
+            fig = frequency_figure(snapshot, init_freq, n_head)
             self.tb.add_figure("spectral/frequencies_vs_rope", fig, step)
             plt.close(fig)
 

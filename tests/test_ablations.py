@@ -52,7 +52,7 @@ def test_learn_trains_exactly_the_listed_parameters(learn, omega_param):
     names = {"omega": OMEGA[omega_param], "amplitude": "amplitude", "phase": "phase"}
     before = {k: getattr(pos, n).detach().clone() for k, n in names.items()}
     other = m.tok_emb.weight.detach().clone() if hasattr(m, "tok_emb") else next(m.parameters()).detach().clone()
-    spectral_group = [g for g in m.param_groups(0.0) if g["name"] == "spectral"]
+    spectral_group = [g for g in m.param_groups(0.0) if g["name"] == "position"]
     assert sum(p.numel() for g in spectral_group for p in g["params"]) == sum(before[k].numel() for k in learn)
     train_steps(m)
     for kind, value in before.items():

@@ -77,7 +77,7 @@ def test_scores_depend_only_on_relative_position(scheme):
     m = model(scheme, position={"phase_init_std": 0.3} if scheme in ("spectral", "bifocal") else {})
     # Perturb the learnable parameters away from init so the check is not trivial.
     with torch.no_grad():
-        for p in m.spectral_parameters():
+        for p in m.position_parameters().values():
             p.uniform_(-2 * math.pi, 0) if scheme == "pope" else p.add_(0.01 * torch.randn_like(p))
     pos_module = m.blocks[0].attn.position
     q, k = torch.randn(1, 4, 16, 8), torch.randn(1, 4, 16, 8)
@@ -146,11 +146,26 @@ def test_geometric_frequencies_are_not_parameters():
     assert not list(model("rope").blocks[0].attn.position.parameters())
 
 
+@pytest.mark.parametrize("scheme,spectral,fixed,params", [
+    ("rope", 0, 4, set()), ("spectral", 4, 0, {"omega_delta", "amplitude", "phase"}),
+    ("bifocal", 2, 2, {"omega_delta", "amplitude", "phase"}), ("pope", 0, 0, {"delta"}), ("nope", 0, 0, set())])
+def test_the_model_answers_what_its_position_scheme_is(scheme, spectral, fixed, params):
+    # One place decides which heads rotate by fixed or learned frequencies and which parameters
+    # are position parameters; the layers, the tables and the optimizer groups all follow it.
+    m = model(scheme)
+    assert (m.cfg.n_spectral_heads, m.cfg.n_fixed_heads) == (spectral, fixed)
+    named = m.position_parameters()
+    assert {n.rsplit(".", 1)[1] for n in named} == params
+    assert all(n.startswith("blocks.") and ".attn.position." in n for n in named)
+    ctx = make_context(m.cfg, torch.arange(8))
+    assert (ctx.cos is not None) == (fixed > 0)  # the fixed RoPE table only when some head reads it
+
+
 def test_param_groups_give_position_parameters_their_own_lr_and_no_decay():
     m = model("bifocal", position={"spectral_lr_mult": 10.0})
     groups = {g["name"]: g for g in m.param_groups(weight_decay=0.1)}
-    assert groups["spectral"]["lr_mult"] == 10.0 and groups["spectral"]["weight_decay"] == 0.0
-    assert len(groups["spectral"]["params"]) == 3 * m.cfg.n_layer
+    assert groups["position"]["lr_mult"] == 10.0 and groups["position"]["weight_decay"] == 0.0
+    assert len(groups["position"]["params"]) == 3 * m.cfg.n_layer
     n = sum(len(g["params"]) for g in groups.values())
     assert n == len(list(m.parameters()))  # every parameter exactly once (tied weights once)
 

@@ -130,11 +130,12 @@ def test_nearest_to_modulus_is_circular():
 def test_frequency_figure_labels_every_spectral_head():
     import matplotlib.pyplot as plt
 
+    from bifocal.model.position import spectral_init_freq
     from bifocal.run.metrics import frequency_figure, spectral_snapshot
 
     model = random_model(64, "bifocal")  # 2 layers, heads 2 and 3 spectral
-    fig = frequency_figure(spectral_snapshot(model, zero3=False), model.cfg.head_dim, model.cfg.position.rope_base,
+    fig = frequency_figure(spectral_snapshot(model, zero3=False), spectral_init_freq(model.cfg).numpy(),
                            model.cfg.n_head)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     plt.close(fig)
-    assert labels == ["RoPE theta (init)", "L0 h2", "L0 h3", "L1 h2", "L1 h3"]
+    assert labels == ["Omega at init", "L0 h2", "L0 h3", "L1 h2", "L1 h3"]

@@ -12,7 +12,8 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen2Config, Qwen2ForCausalLM)
 
 from bifocal.core.errors import BifocalError
-from bifocal.model.surgery import CausalLMAdapter, load_spectralized, spectral_param_groups, spectralize
+from bifocal.model.gpt import param_groups
+from bifocal.model.surgery import CausalLMAdapter, load_spectralized, spectralize
 
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -87,17 +88,17 @@ def test_adapter_trains_the_spectral_parameters(family):
     assert abs(loss_but_last.item() - hf_loss.item()) <= TOL
 
     groups = {g["name"]: g for g in adapter.param_groups(0.1)}
-    assert groups["spectral"]["lr_mult"] == 4.0 and groups["spectral"]["weight_decay"] == 0.0
-    assert {id(p) for p in groups["spectral"]["params"]} == {id(p) for p in adapter.spectral_parameters()}
+    assert groups["position"]["lr_mult"] == 4.0 and groups["position"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["position"]["params"]} == {id(p) for p in adapter.position_parameters().values()}
     if family == "qwen2":  # biases are vectors: no weight decay
         bias = adapter.model.model.layers[0].self_attn.q_proj.bias
         assert any(p is bias for p in groups["no_decay"]["params"])
 
     loss.backward()
-    for p in adapter.spectral_parameters():
+    for p in adapter.position_parameters().values():
         assert p.grad is not None and p.grad.abs().max() > 0
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in adapter.param_groups(0.0)], lr=1e-2)
-    start = [p.detach().clone() for p in adapter.spectral_parameters()]
+    start = [p.detach().clone() for p in adapter.position_parameters().values()]
     adapter.train()
     losses = []
     for _ in range(4):
@@ -107,11 +108,11 @@ def test_adapter_trains_the_spectral_parameters(family):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert all(not torch.equal(a, p) for a, p in zip(start, adapter.spectral_parameters()))
+    assert all(not torch.equal(a, p) for a, p in zip(start, adapter.position_parameters().values()))
 
 
 def _train_a_little(adapter, steps: int = 2):
-    opt = torch.optim.AdamW(adapter.spectral_parameters(), lr=5e-2)
+    opt = torch.optim.AdamW(adapter.position_parameters().values(), lr=5e-2)
     x = ids(T=17)
     for _ in range(steps):
         opt.zero_grad()
@@ -165,5 +166,5 @@ def test_bad_inputs(tmp_path):
         load_spectralized(tmp_path / "empty")
     with pytest.raises(ValueError, match="spectralize"):
         CausalLMAdapter(build("llama"))
-    groups = spectral_param_groups(spectralize(build("mistral")), 0.1, spectral_lr_mult=2.0)
-    assert [g["name"] for g in groups] == ["decay", "no_decay", "spectral"] and groups[2]["lr_mult"] == 2.0
+    groups = param_groups(spectralize(build("mistral")), 0.1, position_lr_mult=2.0)
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "position"] and groups[2]["lr_mult"] == 2.0

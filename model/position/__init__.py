@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..config import GPTConfig
 from .base import PositionContext, PositionEncoding
 from .fixed import FixedRotary, NoPosition
 from .pope import PolarPosition
 from .rope import apply_rotary, fixed_table, rope_inv_freq, scaled_inv_freq
-from .spectral import SpectralRotary
+from .spectral import SpectralRotary, spectral_init_freq
 
 __all__ = [
     "PositionContext", "PositionEncoding", "FixedRotary", "NoPosition", "PolarPosition",
-    "SpectralRotary", "build_position", "make_context", "apply_rotary", "fixed_table",
-    "rope_inv_freq", "scaled_inv_freq",
+    "SpectralRotary", "build_position", "make_context", "position_parameters", "apply_rotary", "fixed_table",
+    "rope_inv_freq", "scaled_inv_freq", "spectral_init_freq",
 ]
 
 
 def build_position(cfg: GPTConfig) -> PositionEncoding:
     """The per-layer position module for `cfg.position.scheme`."""
-    scheme = cfg.position.scheme
-    if scheme == "rope" or (scheme == "bifocal" and cfg.n_spectral_heads == 0):
+    if cfg.n_spectral_heads:
+        return SpectralRotary(cfg)  # with the fixed heads of a bifocal layer in the same module
+    if cfg.n_fixed_heads:
         return FixedRotary()
-    if scheme in ("spectral", "bifocal"):
-        return SpectralRotary(cfg)
-    if scheme == "pope":
+    if cfg.position.scheme == "pope":
         return PolarPosition(cfg)
     return NoPosition()
 
@@ -33,6 +33,18 @@ def build_position(cfg: GPTConfig) -> PositionEncoding:
 def make_context(cfg: GPTConfig, positions: torch.Tensor) -> PositionContext:
     """Per-forward tables shared by all layers: the fixed RoPE table when some head needs it."""
     ctx = PositionContext(positions=positions)
-    if cfg.position.scheme == "rope" or (cfg.position.scheme == "bifocal" and cfg.n_spectral_heads < cfg.n_head):
+    if cfg.n_fixed_heads:
         ctx.cos, ctx.sin = fixed_table(positions, cfg.head_dim, cfg.position.rope_base, cfg.position.rope_scaling)
     return ctx
+
+
+def position_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The learned parameters of every position module inside `module`, by full name: Omega, A and
+    Phi of spectral heads, PoPE's delta. They get no weight decay and their own learning rate
+    (GPT.param_groups), and training snapshots them (bifocal.run.metrics.spectral_snapshot).
+    Works on a GPT and on a spectralized Hugging Face model alike."""
+    found: dict[str, nn.Parameter] = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, PositionEncoding):
+            found.update(sub.named_parameters(prefix=name))
+    return found
