@@ -70,7 +70,12 @@ def test_installed_wheel_trains_and_evaluates_from_an_empty_directory(tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import bifocal.launcher as m; print(m.__file__)"],
                            cwd=work, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(venv)), where  # the wheel, not this checkout
-    assert bifocal("--version", cwd=work).stdout.strip().startswith("bifocal ")
+    version = bifocal("--version", cwd=work).stdout.strip()
+    assert version.startswith("bifocal ")
+    as_module = subprocess.run([str(venv / "bin" / "python"), "-m", "bifocal", "--version"], cwd=work,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert as_module == version
+    assert "train.max_steps" in bifocal("config", "train.max_steps", cwd=work).stdout
     bifocal("train", "--set", "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
             "data.tokenizer.vocab_size=300", "data.tokenizer.train_chars=200000", "model.n_layer=1", cwd=work)
     assert (work / "runs" / "demo" / "summary.json").is_file()
