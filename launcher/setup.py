@@ -249,7 +249,10 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
     if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world:
         resume_from = (resume_from[0], universal_checkpoint(resume_from[1], cfg, world))
         ds_config["checkpoint"] = {"load_universal": True}
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if cfg.train.compile:
+        engine.compile()  # the module in place: checkpoint keys stay the same
 
     sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
                             rank=rank, world_size=world)

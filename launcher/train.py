@@ -29,6 +29,7 @@ import torch
 
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import WindowSampler
+from bifocal.model.flops import flops_per_token
 from bifocal.model.position import spectral_init_freq
 from bifocal.run import checkpoint, distributed as dist
 from bifocal.run.metrics import MetricsLogger, plot_loss, spectral_snapshot, train_line
@@ -36,6 +37,7 @@ from bifocal.run.metrics import MetricsLogger, plot_loss, spectral_snapshot, tra
 from . import step as engine_step
 from .setup import TrainState, lock_run_dir, resolve_run, setup
 from .step import StepResult
+from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
 
 
 def train_step(state: TrainState, stop_requested: bool, want_grad_norm: bool) -> StepResult:
@@ -65,6 +67,10 @@ class Progress:
     def __init__(self, state: TrainState, metrics: MetricsLogger) -> None:
         self.metrics, self.every, self.max_steps = metrics, state.cfg.train.log_every, state.cfg.train.max_steps
         self.loss_sum, self.steps, self.clock = 0.0, 0, time.perf_counter()
+        cfg = state.cfg
+        self.flops_per_token = flops_per_token(state.engine.module.cfg, cfg.train.seq_len)
+        self.peak = peak_flops(state.device, cfg.deepspeed.precision, cfg.train.peak_tflops)
+        reset_peak_memory(state.device)
         self.bar = None
         if state.is_main:
             from tqdm import tqdm
@@ -85,10 +91,13 @@ class Progress:
             self.bar.update(1)
         if self.steps and self.due(state.step):
             dt = time.perf_counter() - self.clock
+            tokens_per_s = state.tokens_per_step * self.steps / max(dt, 1e-9)
             record = {"step": state.step, "loss": self.loss_sum / self.steps, "lr": state.scheduler.get_last_lr()[0],
-                      "grad_norm": result.grad_norm or 0.0,
-                      "tokens_per_s": state.tokens_per_step * self.steps / max(dt, 1e-9),
-                      "tokens": state.step * state.tokens_per_step}
+                      "grad_norm": result.grad_norm or 0.0, "tokens_per_s": tokens_per_s,
+                      "tokens": state.step * state.tokens_per_step,
+                      "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, dist.world_size()),
+                      **dict([peak_memory_mb(state.device)])}  # since the previous record (CUDA)
+            reset_peak_memory(state.device)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if self.bar.disable:  # no terminal (a batch job): a plain line instead of the bar
@@ -142,7 +151,7 @@ def evaluate(state: TrainState) -> float:
     with torch.no_grad():
         for _ in range(cfg.train.eval_batches):
             x, y = sampler.next_batch()
-            _, loss = engine(x.to(state.device), y.to(state.device))
+            _, loss = engine(x.to(state.device), y.to(state.device), return_logits=False)
             total += float(loss)
     engine.train()
     s, n = dist.all_reduce_sum([total, cfg.train.eval_batches])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bifocal.run import checkpoint
 from bifocal.run.config import load_config
@@ -56,7 +57,8 @@ def test_one_process_run_is_complete(reference):
         assert (run_dir / name).exists(), name
     assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 8]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_rss_mb"} <= set(records[0])
+    assert records[0]["mfu"] is None and records[0]["peak_rss_mb"] > 0  # a CPU has no known peak FLOP/s
     assert any("val_loss" in r for r in records)
     assert "run directory" in proc.stdout and str(run_dir.resolve()) in proc.stdout
     # TensorBoard events are readable and hold the scalars and the spectral histograms.
@@ -112,6 +114,17 @@ def test_two_ranks_match_one_process(reference, tiny_config, tmp_path, stage):
         assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), (step, run_cli_out.stdout[-500:])
     meta = json.loads((tmp_path / "runs" / f"z{stage}" / "checkpoints" / "step_00000008" / "complete.json").read_text())
     assert meta["world_size"] == 2
+
+
+@pytest.mark.slow  # inductor compiles the model's kernels: about a minute on 2 cores
+@pytest.mark.parametrize("stage", [0, 3])
+def test_compile_and_activation_checkpointing_train_like_the_reference(reference, tiny_config, tmp_path, stage):
+    train(tiny_config, tmp_path, f"fast{stage}", "train.compile=true", "train.activation_checkpointing=1",
+          f"deepspeed.zero_stage={stage}", "train.eval_every=0", "train.save_every=8")
+    ref, got = losses(reference[0]), losses(tmp_path / "runs" / f"fast{stage}")
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), step
 
 
 def test_resume_is_bitwise_identical(reference, tiny_config, tmp_path):
@@ -206,6 +219,25 @@ def test_nan_skip_mode_continues(tiny_config, tmp_path):
                     "--set", "train.eval_every=0"], tmp_path)
     assert "step skipped" in proc.stdout
     assert checkpoint.latest_checkpoint(tmp_path / "runs" / "skip")[0] == 6
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_skipped_steps_with_accumulation_leave_weights_untouched(tiny_config, tmp_path, stage):
+    """lr=1e18: step 1 leaves finite weights near 1e18, then every attention score overflows. With
+    two micro-batches per step the first one's backward has run before the step is found bad; its
+    gradients must go, not the weights."""
+    run_cli(["train", "--config", str(tiny_config), "--set", "train.run_name=acc", "--set", "optim.lr=1e18",
+             "--set", "optim.warmup_steps=0", "--set", "train.on_nan=skip", "--set", "train.max_steps=5",
+             "--set", "train.grad_accum=2", "--set", "train.micro_batch=2", "--set", "train.save_every=1",
+             "--set", "train.keep_last=5", "--set", "train.eval_every=0", "--set", f"deepspeed.zero_stage={stage}"],
+            tmp_path)
+    run_dir = tmp_path / "runs" / "acc"
+    trained = sorted(losses(run_dir))
+    assert trained and trained == list(range(1, len(trained) + 1)) and trained[-1] < 5  # then only skips
+    good = checkpoint.consolidated_state_dict(checkpoint.latest_checkpoint(run_dir, trained[-1])[1])
+    last = checkpoint.consolidated_state_dict(checkpoint.latest_checkpoint(run_dir, 5)[1])
+    for name, value in good.items():
+        assert torch.isfinite(value).all() and torch.equal(value, last[name]), name
 
 
 @pytest.mark.parametrize("override,needle", [
