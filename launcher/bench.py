@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -164,6 +165,12 @@ def allocated_mb(device: str) -> float:
     return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else 0.0
 
 
+def log(line: str) -> None:
+    """Plain progress lines where no progress bar shows (logs, pipes)."""
+    if not sys.stdout.isatty():
+        print(line, flush=True)
+
+
 def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device: str, warmup: int,
             rounds: int, block: int) -> dict[str, dict]:
     """Build and warm each runner (its resident memory measured alone), then time blocks in turn.
@@ -180,6 +187,7 @@ def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device:
         sync(device)
         r.resident_mb = allocated_mb(device) - before
         runners.append(r)
+        log(f"bench: built and warmed up {r.name}")
     times = {r.name: [] for r in runners}
     peaks = {r.name: 0.0 for r in runners}
     bar = tqdm(total=rounds * len(runners), desc="measure", unit="block", disable=None)
@@ -196,6 +204,8 @@ def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device:
             if device == "cuda":
                 peaks[r.name] = max(peaks[r.name], r.resident_mb + peak_memory_mb(device)[1] - base)
             bar.update(1)
+        log(f"bench: round {len(times[runners[0].name])}/{rounds}: " +
+            ", ".join(f"{r.name} {1e3 * times[r.name][-1]:.0f} ms" for r in runners))
     bar.close()
     return {r.name: {"step_s": statistics.median(times[r.name]), "step_s_all": times[r.name],
                      "peak_mem_mb": peaks[r.name] if device == "cuda" else None} for r in runners}

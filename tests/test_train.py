@@ -119,8 +119,9 @@ def test_two_ranks_match_one_process(reference, tiny_config, tmp_path, stage):
 @pytest.mark.slow  # inductor compiles the model's kernels: about a minute on 2 cores
 @pytest.mark.parametrize("stage", [0, 3])
 def test_compile_and_activation_checkpointing_train_like_the_reference(reference, tiny_config, tmp_path, stage):
-    train(tiny_config, tmp_path, f"fast{stage}", "train.compile=true", "train.activation_checkpointing=1",
-          f"deepspeed.zero_stage={stage}", "train.eval_every=0", "train.save_every=8")
+    sets = [f"train.run_name=fast{stage}", "train.compile=true", "train.activation_checkpointing=1",
+            f"deepspeed.zero_stage={stage}", "train.eval_every=0", "train.save_every=8"]
+    run_cli(["train", "--config", str(tiny_config), *[a for s in sets for a in ("--set", s)]], tmp_path, timeout=1200)
     ref, got = losses(reference[0]), losses(tmp_path / "runs" / f"fast{stage}")
     assert sorted(got) == sorted(ref)
     for step in ref:
