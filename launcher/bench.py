@@ -211,6 +211,12 @@ def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device:
                      "peak_mem_mb": peaks[r.name] if device == "cuda" else None} for r in runners}
 
 
+def paired_ratio(ref: dict, row: dict) -> float:
+    """tokens/s of `row` over `ref`, as the median of the ratios within each round: the two ran
+    back to back there, so a slow patch of the machine cancels out instead of landing on one."""
+    return statistics.median(r / t for r, t in zip(ref["step_ms_rounds"], row["step_ms_rounds"]))
+
+
 def summarise(runners: list[Runner], timing: dict[str, dict], cfg: RunConfig, device: str, peak: float | None) -> list[dict]:
     world = dist.world_size()
     tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.train.seq_len * world
@@ -225,12 +231,11 @@ def summarise(runners: list[Runner], timing: dict[str, dict], cfg: RunConfig, de
     rope = {row["plain"]: row for row in rows if row["scheme"] == "rope"}
     for row in rows:
         ref = rope.get(row["plain"])
-        row["tokens_per_s_vs_rope"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        row["tokens_per_s_vs_rope"] = paired_ratio(ref, row) if ref else None
         row["peak_mem_vs_rope"] = (row["peak_mem_mb"] / ref["peak_mem_mb"]
                                    if ref and row["peak_mem_mb"] and ref["peak_mem_mb"] else None)
         twin = next((o for o in rows if o["scheme"] == row["scheme"] and o["plain"] != row["plain"]), None)
-        row["framework_overhead"] = (twin["tokens_per_s"] / row["tokens_per_s"] - 1
-                                     if twin and not row["plain"] else None)
+        row["framework_overhead"] = paired_ratio(row, twin) - 1 if twin and not row["plain"] else None
     return rows
 
 
@@ -266,7 +271,7 @@ def plot(rows: list[dict], title: str, out: Path) -> Path:
         if r["mfu"]:
             label += f", MFU {100 * r['mfu']:.1f}%"
         ax.text(b.get_width(), b.get_y() + b.get_height() / 2, label, va="center", fontsize=8)
-    ax.set_xlabel("training tokens / s (median over rounds)")
+    ax.set_xlabel("training tokens / s (bars: median over rounds; labels: median per-round ratio)")
     ax.invert_yaxis()
     ax.margins(x=0.35)
     if mem:
@@ -274,7 +279,7 @@ def plot(rows: list[dict], title: str, out: Path) -> Path:
         ax2.barh([r["name"] for r in mem], [r["peak_mem_mb"] for r in mem], color="tab:orange")
         ax2.set_xlabel("peak memory (MiB)")
         ax2.invert_yaxis()
-    fig.suptitle(textwrap.fill(title, 120), fontsize=8)
+    fig.suptitle(textwrap.fill(title, 95), fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
