@@ -60,6 +60,10 @@ class StudyEval:
     max_tokens: int | None = 8192
     batch_size: int = 1
     device: str | None = None
+    # Evaluate the checkpoint saved at this training step instead of the final model (e.g. the
+    # midpoint of the schedule); a run that already holds it is not trained further. Results and
+    # report go to OUT/step<N>/.
+    step: int | None = None
 
 
 @dataclass
@@ -156,6 +160,9 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
             raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
     if not study.eval.length_multiples or any(int(m) < 1 for m in study.eval.length_multiples):
         raise BifocalError(f"{path}: eval.length_multiples must be positive integers")
+    if study.eval.step is not None and (isinstance(study.eval.step, bool) or not isinstance(study.eval.step, int)
+                                        or study.eval.step < 1):
+        raise BifocalError(f"{path}: eval.step must be a positive integer (a training step with a checkpoint)")
     return study
 
 
@@ -244,7 +251,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
 
     ev = study.eval
     model = tokenizer = None
-    summary = json.loads((run_dir / "summary.json").read_text())
+    step = ev.step if ev.step is not None else json.loads((run_dir / "summary.json").read_text())["step"]
     cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     train_len = int(cfg_raw["train"]["seq_len"])
     lengths = [train_len * int(m) for m in ev.length_multiples]
@@ -253,7 +260,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
     for variant, factor in evaluations(study, scheme, lengths, train_len):
         run_name = name or scheme
         path = out / "results" / (f"{run_name}-{variant}.json" if variant else f"{run_name}.json")
-        settings = {"eval": asdict(ev), "step": summary["step"], "lengths": lengths, "factor": factor}
+        settings = {"eval": asdict(ev), "step": step, "lengths": lengths, "factor": factor}
         if path.is_file():
             try:
                 if load(path).extra.get("settings") == json.loads(json.dumps(settings)):
@@ -263,7 +270,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
             except BifocalError:
                 pass
         if model is None:
-            model, tokenizer = load_model(run_dir, device=ev.device)
+            model, tokenizer = load_model(run_dir, device=ev.device, step=ev.step)
         apply_scaling(model, variant, factor, lengths)
         # Every length reads the same documents (those long enough for the longest length), so
         # the curve shows context length, not a change of text mix.
@@ -294,6 +301,8 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
 
 def run_study(study: Study, out: str | Path) -> dict[str, Path]:
     """Train, evaluate and report; returns write_report's paths."""
+    from bifocal.run import checkpoint
+
     from .report import write_report
     from .results import load
 
@@ -303,10 +312,13 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
     seeds = f", seeds {', '.join(map(str, study.seeds))}" if len(study.seeds) > 1 else ""
     print(f"[study] {study.path.name}: schemes {', '.join(study.schemes)}{seeds} -> {out}", flush=True)
     result_paths: list[Path] = []
+    report_dir = out if study.eval.step is None else out / f"step{study.eval.step}"
     for scheme, seed, name in study.runs():
-        run_dir = train_scheme(study, scheme, out, seed, name)
-        result_paths += evaluate_scheme(study, scheme, run_dir, out, seed, name)
-    paths = write_report([load(p) for p in result_paths], out)
+        run_dir = out / "runs" / name
+        if study.eval.step is None or study.eval.step not in dict(checkpoint.complete_checkpoints(run_dir)):
+            run_dir = train_scheme(study, scheme, out, seed, name)
+        result_paths += evaluate_scheme(study, scheme, run_dir, report_dir, seed, name)
+    paths = write_report([load(p) for p in result_paths], report_dir)
     elapsed = time.perf_counter() - t0
     (out / "study.json").write_text(json.dumps({"preset": str(study.path), "schemes": study.schemes,
                                                 "seeds": study.seeds, "wall_s": round(elapsed, 1)}, indent=1) + "\n")

@@ -18,7 +18,7 @@ from conftest import run_cli
 def study(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("study")
     t0 = time.perf_counter()
-    proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out"], cwd, timeout=600)
+    proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out"], cwd, timeout=1200)
     return cwd / "out", proc, time.perf_counter() - t0
 
 
@@ -74,8 +74,9 @@ def test_study_file_validation(tmp_path):
 
 
 def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
-    proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out", "--schemes", "rope",
-                    "--seeds", "2", "--set", "eval.scaling_variants=[]"], tmp_path, timeout=600)
+    args = ["study", "extrapolation", "--preset", "smoke", "--out", "out", "--schemes", "rope", "--seeds", "2",
+            "--set", "eval.scaling_variants=[]", "--set", "train.save_every=3", "--set", "train.keep_last=2"]
+    proc = run_cli(args, tmp_path, timeout=1200)
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["rope-s1234", "rope-s1235"]
     results = [load(out / "results" / f"rope-s{s}.json") for s in (1234, 1235)]
@@ -85,3 +86,9 @@ def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
     assert "| rope | rope | 2 | 32 |" in md and "±" in md
     assert "own perplexity at its training length" in md
     assert "seeds 1234, 1235" in proc.stdout
+    # eval.step: the step-3 checkpoints of the same runs, evaluated without training, into out/step3
+    mid = run_cli(args + ["--set", "eval.step=3"], tmp_path, timeout=1200)
+    assert "training" not in mid.stdout
+    early = load(out / "step3" / "results" / "rope-s1234.json")
+    assert early.extra["settings"]["step"] == 3 and early.rows[0]["ppl"] != results[0].rows[0]["ppl"]
+    assert (out / "step3" / "report.md").is_file()
