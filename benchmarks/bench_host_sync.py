@@ -12,6 +12,7 @@ Takes `bifocal bench` options. Two engines of the same scheme alternate in block
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 
 from bifocal.run import distributed as dist
@@ -56,12 +57,15 @@ def main(argv: list[str]) -> None:
 
     runners: list[Runner] = []
     timing = measure(runners, [old, new], device, args.warmup, max(1, args.steps // args.block), args.block)
+    old_rounds, new_rounds = timing["sync per micro-batch"]["step_s_all"], timing["sync per step"]["step_s_all"]
     base = timing["sync per micro-batch"]["step_s"]
     print(f"\n{scheme}, {device}, grad_accum={accum}, seq {cfg.train.seq_len} x micro-batch {cfg.train.micro_batch}, "
           f"{cfg.deepspeed.precision}, ZeRO-{cfg.deepspeed.zero_stage}")
     for name, t in timing.items():
         print(f"  {name:<22} {1e3 * t['step_s']:9.1f} ms/step  ({t['step_s'] / base:.3f}x)   "
               f"rounds: {', '.join(f'{1e3 * s:.0f}' for s in t['step_s_all'])}")
+    paired = statistics.median(n / o for n, o in zip(new_rounds, old_rounds))
+    print(f"  per-step sync / per-micro-batch sync step time, median of per-round ratios: {paired:.3f}")
 
 
 if __name__ == "__main__":
