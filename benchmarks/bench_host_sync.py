@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     timing = measure(runners, [old, new], device, args.warmup, max(1, args.steps // args.block), args.block)
     old_rounds, new_rounds = timing["sync per micro-batch"]["step_s_all"], timing["sync per step"]["step_s_all"]
     base = timing["sync per micro-batch"]["step_s"]
-    print(f"\n{scheme}, {device}, grad_accum={accum}, seq {cfg.train.seq_len} x micro-batch {cfg.train.micro_batch}, "
+    print(f"\n{scheme}, {device}, grad_accum={accum}, seq {cfg.model.max_seq_len} x micro-batch {cfg.train.micro_batch}, "
           f"{cfg.deepspeed.precision}, ZeRO-{cfg.deepspeed.zero_stage}")
     for name, t in timing.items():
         print(f"  {name:<22} {1e3 * t['step_s']:9.1f} ms/step  ({t['step_s'] / base:.3f}x)   "

@@ -9,7 +9,7 @@ A study YAML (configs/study/*.yaml) holds:
     overrides:            # per scheme, dotted run-config keys -> values
       rope: {model.position.scheme: rope}
     eval:
-      length_multiples: [1, 2, 4, 8, 16]   # of train.seq_len
+      length_multiples: [1, 2, 4, 8, 16]   # of model.max_seq_len
       scaling_variants: [pi, ntk, dynamic_ntk, yarn]
       scaling_schemes: [rope, bifocal]     # fixed-frequency heads to scale
       scaling_factor: 16                   # null: the largest multiple
@@ -253,7 +253,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
     model = tokenizer = None
     step = ev.step if ev.step is not None else json.loads((run_dir / "summary.json").read_text())["step"]
     cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    train_len = int(cfg_raw["train"]["seq_len"])
+    train_len = int(cfg_raw["model"]["max_seq_len"])
     lengths = [train_len * int(m) for m in ev.length_multiples]
     prepared = PreparedData(cfg_raw["data"]["prepared_dir"])
     paths = []

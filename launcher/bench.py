@@ -53,7 +53,9 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
     if args.vocab_size:
         model["vocab_size"] = args.vocab_size
     train, ds = raw.setdefault("train", {}), raw.setdefault("deepspeed", {})
-    for key, value in (("seq_len", args.seq_len), ("micro_batch", args.micro_batch), ("grad_accum", args.grad_accum)):
+    if args.seq_len is not None:
+        model["max_seq_len"] = args.seq_len
+    for key, value in (("micro_batch", args.micro_batch), ("grad_accum", args.grad_accum)):
         if value is not None:
             train[key] = value
     train.update(device=args.device, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
@@ -117,7 +119,7 @@ def build_engine(cfg: RunConfig, scheme: str, data):
                                       config=deepspeed_config(cfg, dist.world_size()))
     if cfg.train.compile:
         engine.compile()
-    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
+    sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
                             rank=dist.rank(), world_size=dist.world_size())
     return engine, sampler
 
@@ -139,7 +141,7 @@ def plain_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
     optimizer, scheduler = build_optimizer(model, cfg)
     if cfg.train.compile:
         model.compile()
-    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed)
+    sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
 
     def step() -> None:
@@ -219,12 +221,12 @@ def paired_ratio(ref: dict, row: dict) -> float:
 
 def summarise(runners: list[Runner], timing: dict[str, dict], cfg: RunConfig, device: str, peak: float | None) -> list[dict]:
     world = dist.world_size()
-    tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.train.seq_len * world
+    tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.model.max_seq_len * world
     rows = []
     for r in runners:
         t = timing[r.name]
         tok_s = tokens / t["step_s"]
-        fpt = flops_per_token(r.model_cfg, cfg.train.seq_len)
+        fpt = flops_per_token(r.model_cfg, cfg.model.max_seq_len)
         rows.append({"name": r.name, "scheme": r.scheme, "plain": r.name != r.scheme, "step_ms": 1e3 * t["step_s"],
                      "tokens_per_s": tok_s, "flops_per_token": fpt, "mfu": mfu(tok_s, fpt, peak, world),
                      "peak_mem_mb": t["peak_mem_mb"], "step_ms_rounds": [1e3 * s for s in t["step_s_all"]]})
@@ -290,7 +292,7 @@ def describe(cfg: RunConfig, device: str, peak: float | None) -> str:
     t, m = cfg.train, cfg.model
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return (f"{name} x{dist.world_size()} | d_model={m.d_model} n_layer={m.n_layer} n_head={m.n_head} "
-            f"vocab={m.vocab_size} | seq {t.seq_len} x micro-batch {t.micro_batch} x accum {t.grad_accum} | "
+            f"vocab={m.vocab_size} | seq {m.max_seq_len} x micro-batch {t.micro_batch} x accum {t.grad_accum} | "
             f"{cfg.deepspeed.precision} ZeRO-{cfg.deepspeed.zero_stage} compile={t.compile} "
             f"AC={t.activation_checkpointing} | peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s per device")
 

@@ -19,7 +19,7 @@ from bifocal.run.config import RunConfig, load_config
 # What a checkpoint cannot follow: the model's shape and position scheme, the data and its order,
 # and how DeepSpeed laid out the saved states. Everything else (schedule, optimizer
 # hyperparameters, batch split, cadence, evaluation) is applied on resume and logged.
-FROZEN_ON_RESUME = ("model.", "data.", "train.seq_len", "train.seed", "deepspeed.zero_stage",
+FROZEN_ON_RESUME = ("model.", "data.", "train.seed", "deepspeed.zero_stage",
                     "deepspeed.precision")
 
 
@@ -79,10 +79,10 @@ def check_validation(cfg: RunConfig, data, rank: int, world: int) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sources too small for a window: reported below if none fits
-            WindowSampler(data, "val", cfg.train.seq_len, cfg.train.micro_batch, rank=rank, world_size=world)
+            WindowSampler(data, "val", cfg.model.max_seq_len, cfg.train.micro_batch, rank=rank, world_size=world)
     except BifocalError:
         raise BifocalError(f"{data.path} has {data.num_tokens('val') if 'val' in data.splits else 0} validation "
-                           f"tokens, not one window of seq_len + 1 = {cfg.train.seq_len + 1} in any source; add "
+                           f"tokens, not one window of seq_len + 1 = {cfg.model.max_seq_len + 1} in any source; add "
                            f"documents, raise data.val_fraction, or set data.val_fraction=0 to train without "
                            f"validation (nothing was written)") from None
     return True

@@ -50,7 +50,7 @@ class TrainState:
     @property
     def tokens_per_step(self) -> int:
         t = self.cfg.train
-        return t.micro_batch * t.grad_accum * dist.world_size() * t.seq_len
+        return t.micro_batch * t.grad_accum * dist.world_size() * self.cfg.model.max_seq_len
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint stores beside DeepSpeed's own state, so a resume sees the same data."""
@@ -254,7 +254,7 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
     if cfg.train.compile:
         engine.compile()  # the module in place: checkpoint keys stay the same
 
-    sampler = WindowSampler(data, "train", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
+    sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
                             rank=rank, world_size=world)
     state = TrainState(cfg=cfg, run_dir=run_dir, device=device, engine=engine, scheduler=scheduler, data=data,
                        sampler=sampler, validate=validate, resume=args.resume)

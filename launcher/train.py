@@ -144,7 +144,7 @@ class Validation:
 def evaluate(state: TrainState) -> float:
     """Mean validation loss over the same `eval_batches` windows every time (collective)."""
     cfg, engine = state.cfg, state.engine
-    sampler = WindowSampler(state.data, "val", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.train.seed + 1,
+    sampler = WindowSampler(state.data, "val", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed + 1,
                             rank=dist.rank(), world_size=dist.world_size())
     engine.eval()
     total = 0.0
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> Path:
         state = setup(args, cfg, run_dir, device)
         val_loss = train(state)
         if state.is_main:
-            finish(run_dir, state.step, val_loss, cfg.train.seq_len)
+            finish(run_dir, state.step, val_loss, cfg.model.max_seq_len)
     finally:
         lock.release()
     return run_dir

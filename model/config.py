@@ -88,7 +88,7 @@ class GPTConfig:
     n_kv_head: int | None = None  # grouped-query attention; None means n_head
     d_model: int = 256  # residual width
     d_ff: int | None = None  # SwiGLU hidden size; None means 8/3 d_model rounded up to 32
-    max_seq_len: int = 256  # the training length (for reporting and rope_scaling defaults)
+    max_seq_len: int = 256  # the training context length: tokens per training window, rope_scaling's default original length
     dropout: float = 0.0  # dropout on the residual stream and attention
     tie_embeddings: bool = True  # share the input embedding and the output head
     norm_eps: float = 1e-5  # RMSNorm epsilon

@@ -1,5 +1,6 @@
-"""Run configuration: YAML sections model/data/train/optim/deepspeed/eval, `--set` overrides,
-strict keys (an unknown key names the nearest valid one), and DeepSpeed config generation."""
+"""Run configuration: YAML sections model/data/train/optim/deepspeed, `--set` overrides, strict
+keys (an unknown key names the nearest valid one, a removed key says what replaced it), and
+DeepSpeed config generation. Each field's trailing comment is its description (`bifocal config`)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ import yaml
 
 from bifocal import configs
 from bifocal.core import config as core
-from bifocal.core.config import deep_merge, from_dict, nearest, parse_overrides
+from bifocal.core.config import check, deep_merge, from_dict, nearest, parse_overrides, positive_ints
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.config import DataConfig, resolve_input_paths
 from bifocal.model.config import GPTConfig
 
 CONFIG_DIR = configs.ROOT
 DEMO_CONFIG = configs.DEMO
-SECTIONS = ("model", "data", "train", "optim", "deepspeed", "eval")
+SECTIONS = ("model", "data", "train", "optim", "deepspeed")
+# Sections older configs may hold: a clear message instead of "unknown section".
+REMOVED_SECTIONS = {"eval": "evaluation settings are options of `bifocal eval` (see `bifocal eval ppl --help`); "
+                            "delete the section"}
 _WHAT = f"a mapping with sections {', '.join(SECTIONS)}"
 
 
@@ -30,7 +34,6 @@ _WHAT = f"a mapping with sections {', '.join(SECTIONS)}"
 class TrainConfig:
     out_dir: str = "runs"  # runs are written to out_dir/run_name
     run_name: str = "demo"  # the run directory's name
-    seq_len: int = 256  # training context length (tokens per window)
     micro_batch: int = 8  # sequences per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 300  # optimizer steps
@@ -48,17 +51,16 @@ class TrainConfig:
     activation_checkpointing: int = 0  # recompute every k-th block in the backward (0: off, 1: all)
     peak_tflops: float | None = None  # device peak for MFU where the CUDA name table has none
 
+    # The training length was also model.max_seq_len, and code read one or the other.
+    __removed__ = {"seq_len": "the training context length is model.max_seq_len (one key for one fact); "
+                              "move the value there"}
+
     def __post_init__(self) -> None:
-        if not isinstance(self.activation_checkpointing, int) or self.activation_checkpointing < 0:
-            raise BifocalError(f"activation_checkpointing={self.activation_checkpointing!r} is invalid: "
-                               "0 (off), 1 (every block) or k (every k-th block)")
-        for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise BifocalError(f"{key}={getattr(self, key)!r} is invalid: must be a positive integer")
-        if self.on_nan not in ("stop", "skip"):
-            raise BifocalError(f"on_nan={self.on_nan!r} is invalid: one of stop, skip")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise BifocalError(f"device={self.device!r} is invalid: one of auto, cpu, cuda")
+        check(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,
+              "activation_checkpointing", self.activation_checkpointing, "0 (off), 1 (every block) or k (every k-th block)")
+        positive_ints(self, "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last")
+        check(self.on_nan in ("stop", "skip"), "on_nan", self.on_nan, "one of stop, skip")
+        check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "one of auto, cpu, cuda")
 
 
 @dataclass
@@ -72,12 +74,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # gradient norm clipping
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise BifocalError(f"lr={self.lr!r} is invalid: must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise BifocalError(f"min_lr_ratio={self.min_lr_ratio!r} is invalid: must be in [0, 1]")
-        if len(self.betas) != 2:
-            raise BifocalError(f"betas={self.betas!r} is invalid: two numbers")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(len(self.betas) == 2, "betas", self.betas, "two numbers")
 
 
 @dataclass
@@ -90,20 +89,10 @@ class DeepSpeedSection:
     overrides: dict = field(default_factory=dict)  # merged into the generated config
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise BifocalError(f"zero_stage={self.zero_stage!r} is invalid: one of 0, 1, 2, 3")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise BifocalError(f"precision={self.precision!r} is invalid: one of fp32, bf16, fp16")
-        if self.offload_params and self.zero_stage != 3:
-            raise BifocalError("offload_params=True is invalid: parameter offload needs zero_stage 3")
-
-
-@dataclass
-class EvalConfig:
-    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])  # bifocal eval ppl lengths
-    stride: int | None = None  # sliding-window stride (null: non-overlapping windows)
-    max_docs: int | None = None  # documents per length (null: all)
-    max_tokens: int | None = None  # scored tokens per length at most (null: all)
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        check(self.precision in ("fp32", "bf16", "fp16"), "precision", self.precision, "one of fp32, bf16, fp16")
+        check(not self.offload_params or self.zero_stage == 3, "offload_params", self.offload_params,
+              "parameter offload needs zero_stage 3")
 
 
 @dataclass
@@ -113,7 +102,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     # Whether model.vocab_size was given; if not, the tokenizer decides it.
     vocab_from_data: bool = True
 
@@ -165,6 +153,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def build_config(raw: Mapping[str, Any]) -> RunConfig:
     for key in raw:
+        if key in REMOVED_SECTIONS:
+            raise BifocalError(f"config section `{key}` was removed: {REMOVED_SECTIONS[key]}")
         if key not in SECTIONS:
             raise BifocalError(f"unknown config section `{key}`: {nearest(str(key), SECTIONS)}")
         if raw[key] is not None and not isinstance(raw[key], Mapping):
@@ -177,7 +167,6 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
         train=from_dict(TrainConfig, raw.get("train"), "train"),
         optim=from_dict(OptimConfig, raw.get("optim"), "optim"),
         deepspeed=from_dict(DeepSpeedSection, raw.get("deepspeed"), "deepspeed"),
-        eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
         vocab_from_data=vocab_from_data,
     )
 
@@ -230,7 +219,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 _SECTION_TYPES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-                  "deepspeed": DeepSpeedSection, "eval": EvalConfig}
+                  "deepspeed": DeepSpeedSection}
 
 
 def field_docs(cls: type) -> dict[str, str]:

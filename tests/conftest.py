@@ -63,10 +63,9 @@ def tiny_config(tmp_path_factory) -> Path:
         "data": {"sources": [{"name": "austen", "path": "austen.jsonl.gz"}, {"name": "code", "path": "code.jsonl.gz"}],
                  "tokenizer": {"type": "bpe", "vocab_size": 512, "train_chars": 200_000},
                  "val_fraction": 0.1, "prepared_dir": str(root / "prepared")},
-        "train": {"run_name": "tiny", "seq_len": 32, "micro_batch": 4, "max_steps": 8, "log_every": 1,
+        "train": {"run_name": "tiny", "micro_batch": 4, "max_steps": 8, "log_every": 1,
                   "eval_every": 4, "eval_batches": 2, "save_every": 4, "keep_last": 2},
         "optim": {"lr": 1.0e-2, "warmup_steps": 2},
-        "eval": {"lengths": [32, 64, 128]},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bifocal.core.errors import BifocalError
 from bifocal.run.config import CONFIG_DIR, deepspeed_config, load_config
 
 RUN_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name in ("configs", "gpu", "tasks"))
@@ -66,3 +67,22 @@ def test_config_listing_print_config_and_several_sets(tmp_path):
     assert cfg["train"]["max_steps"] == 7 and cfg["optim"]["lr"] == 0.01 and cfg["model"]["position"]["scheme"] == "rope"
     assert cfg["model"]["d_model"] == 768  # the bundled preset, found by name
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("old,needle", [
+    ("train:\n  seq_len: 128\n", "config key `train.seq_len` was removed: the training context length is model.max_seq_len"),
+    ("eval:\n  lengths: [128, 256]\n", "config section `eval` was removed: evaluation settings are options of `bifocal eval`"),
+])
+def test_a_removed_key_in_an_old_config_says_what_replaced_it(tmp_path, old, needle):
+    path = tmp_path / "old.yaml"
+    path.write_text(old)
+    with pytest.raises(BifocalError) as err:
+        load_config(path)
+    assert str(err.value).startswith(needle) and "\n" not in str(err.value)
+
+
+def test_the_training_length_is_one_key():
+    # The sampler's windows, the model's reported length and the FLOPs all read model.max_seq_len.
+    cfg = load_config(None, ["model.max_seq_len=48"])
+    assert cfg.model.max_seq_len == 48 and not hasattr(cfg.train, "seq_len")
+    assert "seq_len" not in cfg.to_dict()["train"] and "eval" not in cfg.to_dict()

@@ -387,7 +387,7 @@ def test_no_validation_data_is_refused_before_step_one(tmp_path):
     cfg = {"model": {"n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 16},
            "data": {"sources": [{"name": "one", "path": "one.jsonl"}], "prepared_dir": str(tmp_path / "prepared"),
                     "tokenizer": {"type": "bpe", "vocab_size": 300, "train_chars": 30_000}, "val_fraction": 0.1},
-           "train": {"seq_len": 16, "micro_batch": 2, "max_steps": 2, "save_every": 2, "eval_batches": 1}}
+           "train": {"micro_batch": 2, "max_steps": 2, "save_every": 2, "eval_batches": 1}}
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
     proc = run_cli(["train", "--config", str(tmp_path / "one.yaml"), "--run-dir", str(tmp_path / "run")], tmp_path,
                    check=False)

@@ -85,7 +85,7 @@ def test_study_tasks_smoke(tmp_path):
     args = ["study", "tasks", "--task", "modular", "--schemes", "rope,bifocal", "--steps", "3", "--n", "4",
             "--out", str(tmp_path / "study"),
             "--set", "data.sources=[{name: modular, synthetic: {task: modular, n_documents: 150, seed: 0}}]",
-            "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "train.seq_len=64",
+            "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "model.max_seq_len=64",
             "--set", "train.micro_batch=4"]
     run_cli(args, cwd=tmp_path)
     study = tmp_path / "study"
