@@ -68,7 +68,7 @@ class Progress:
         self.metrics, self.every, self.max_steps = metrics, state.cfg.train.log_every, state.cfg.train.max_steps
         self.loss_sum, self.steps, self.clock = 0.0, 0, time.perf_counter()
         cfg = state.cfg
-        self.flops_per_token = flops_per_token(state.engine.module.cfg, cfg.train.seq_len)
+        self.flops_per_token = flops_per_token(state.engine.module.cfg, cfg.model.max_seq_len)
         self.peak = peak_flops(state.device, cfg.deepspeed.precision, cfg.train.peak_tflops)
         reset_peak_memory(state.device)
         self.bar = None
