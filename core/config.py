@@ -14,7 +14,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -45,6 +45,15 @@ def nearest(name: str, valid: list[str] | tuple[str, ...]) -> str:
     return "valid keys: " + ", ".join(sorted(valid))
 
 
+def check_key(key: str, path: str, valid: Iterable[str], removed: Mapping[str, str],
+              kind: str = "config key") -> None:
+    """An unknown key names the nearest valid one; a removed key says what replaced it."""
+    if key in removed:
+        raise BifocalError(f"{kind} `{path}` was removed: {removed[key]}")
+    if key not in valid:
+        raise BifocalError(f"unknown {kind} `{path}`: {nearest(key, list(valid))}")
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
     """Build dataclass `cls` from a mapping, rejecting unknown keys with the nearest valid one.
 
@@ -65,10 +74,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        if key in removed:
-            raise BifocalError(f"config key `{path}` was removed: {removed[key]}")
-        if key not in fields:
-            raise BifocalError(f"unknown config key `{path}`: {nearest(str(key), list(fields))}")
+        check_key(str(key), path, fields, removed)
         sub = getattr(cls, "__nested__", {}).get(key)
         if isinstance(sub, list) and value is not None:  # `[Cls]` declares a list of Cls
             if not isinstance(value, (list, tuple)):

@@ -16,7 +16,7 @@ import yaml
 
 from bifocal import configs
 from bifocal.core import config as core
-from bifocal.core.config import check, deep_merge, from_dict, nearest, parse_overrides, positive_ints
+from bifocal.core.config import check, check_key, deep_merge, from_dict, parse_overrides, positive_ints
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.config import DataConfig, resolve_input_paths
 from bifocal.model.config import GPTConfig
@@ -153,10 +153,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def build_config(raw: Mapping[str, Any]) -> RunConfig:
     for key in raw:
-        if key in REMOVED_SECTIONS:
-            raise BifocalError(f"config section `{key}` was removed: {REMOVED_SECTIONS[key]}")
-        if key not in SECTIONS:
-            raise BifocalError(f"unknown config section `{key}`: {nearest(str(key), SECTIONS)}")
+        check_key(str(key), str(key), SECTIONS, REMOVED_SECTIONS, "config section")
         if raw[key] is not None and not isinstance(raw[key], Mapping):
             raise BifocalError(f"`{key}` must be a mapping of keys, got {type(raw[key]).__name__}")
     model = dict(raw.get("model") or {})
