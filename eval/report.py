@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,14 @@ def _task_name(r: EvalResult) -> str:
     return str(r.extra.get("task", "tasks"))
 
 
+def task_column_key(column: tuple[str, str]) -> tuple:
+    """(split, setting) order: `in` first, then settings with their numbers compared as numbers,
+    so "len 9-16" comes before "len 17-32" (a string sort puts "17" before "9")."""
+    split, setting = column
+    parts = re.split(r"(\d+)", setting)
+    return (split != "in", split, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
+
+
 def _tasks_tables(results: list[EvalResult]) -> list[str]:
     out: list[str] = []
     by_task: dict[str, list[EvalResult]] = defaultdict(list)
@@ -184,7 +193,7 @@ def _tasks_tables(results: list[EvalResult]) -> list[str]:
     for task, task_results in sorted(by_task.items()):
         groups = _by_label(task_results, "tasks")
         cells = {name: _task_cells(g) for name, g in groups.items()}
-        cols = sorted({c for cs in cells.values() for c in cs}, key=lambda c: (c[0] != "in", c))
+        cols = sorted({c for cs in cells.values() for c in cs}, key=task_column_key)
         seeded = any(len(seeds) > 1 for cs in cells.values() for seeds in cs.values())
         header = ["model"] + (["seeds"] if seeded else []) + [f"{split}: {setting}" for split, setting in cols]
         rows = []
@@ -362,7 +371,7 @@ def _plot_tasks(results: list[EvalResult], path: Path) -> Path:
         groups = _by_label(task_results, "tasks")
         cells = {name: {c: mean_std({k: row["exact_match"] for k, row in seeds.items()})[:2]
                         for c, seeds in _task_cells(g).items()} for name, g in groups.items()}
-        cols = sorted({c for cs in cells.values() for c in cs}, key=lambda c: (c[0] != "in", c))
+        cols = sorted({c for cs in cells.values() for c in cs}, key=task_column_key)
         width = 0.8 / max(len(cells), 1)
         for j, (name, cs) in enumerate(cells.items()):
             xs = [k + j * width for k, c in enumerate(cols) if c in cs]

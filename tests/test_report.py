@@ -145,6 +145,17 @@ def test_results_split_across_files_merge_into_one_row(tmp_path, capsys):
     assert not (tmp_path / "rep" / "passkey.png").exists()
 
 
+def test_task_columns_sort_numbers_as_numbers(tmp_path):
+    # Rows deliberately out of order; a string sort would put "len 17-32" before "len 9-16".
+    settings = [("out", "len 17-32"), ("out", "depth 4-6"), ("in", "len 2-8"), ("out", "len 9-16")]
+    EvalResult(kind="tasks", model="rope", scheme="rope", extra={"task": "dyck"},
+               rows=[{"split": s, "setting": t, "n": 10, "loss": 0.5, "exact_match": 0.5} for s, t in settings]
+               ).save(tmp_path / "r.json")
+    assert cli(["eval", "report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    header = _table((tmp_path / "rep" / "report.md").read_text(), "## Task: dyck")["__header__"]
+    assert header == ["model", "in: len 2-8", "out: depth 4-6", "out: len 9-16", "out: len 17-32"]
+
+
 def test_empty_directory_is_a_user_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "other.json").write_text("[1, 2]")
