@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bifocal.core.errors import BifocalError
+
 from .config import GPTConfig
 from .gpt import param_groups
 from .loss import cross_entropy
@@ -64,6 +66,17 @@ class CausalLMAdapter(nn.Module):
         if labels is not None:
             loss = cross_entropy(logits, labels)
         return (logits if return_logits else None), loss
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """GPT's switch on the transformers model: transformers recomputes all decoder layers or
+        none, so only 0 (off) and 1 (every block) exist here."""
+        if every not in (0, 1):
+            raise BifocalError(f"train.activation_checkpointing={every}: a --init-from-hf model checkpoints "
+                               "every block or none (0 or 1)")
+        if every:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.model.is_gradient_checkpointing:
+            self.model.gradient_checkpointing_disable()
 
     def position_parameters(self) -> dict[str, nn.Parameter]:
         """The spectral heads' Omega, A, Phi, by name (see bifocal.model.position.position_parameters)."""

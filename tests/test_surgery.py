@@ -168,3 +168,26 @@ def test_bad_inputs(tmp_path):
         CausalLMAdapter(build("llama"))
     groups = param_groups(spectralize(build("mistral")), 0.1, position_lr_mult=2.0)
     assert [g["name"] for g in groups] == ["decay", "no_decay", "position"] and groups[2]["lr_mult"] == 2.0
+
+
+def test_adapter_activation_checkpointing_keeps_loss_and_gradients():
+    """train.activation_checkpointing on an --init-from-hf model: transformers' own
+    checkpointing of every layer, same loss and gradients; every k-th layer is refused."""
+    x = ids()
+
+    def loss_and_grads(every: int):
+        model = spectralize(build("llama"), phase_init_std=0.1)
+        adapter = CausalLMAdapter(model).train()
+        adapter.set_activation_checkpointing(every)
+        _, loss = adapter(x, labels=x)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
+
+    (loss0, g0), (loss1, g1) = loss_and_grads(0), loss_and_grads(1)
+    assert torch.equal(loss0, loss1) and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+    adapter = CausalLMAdapter(spectralize(build("llama")))
+    adapter.set_activation_checkpointing(1)
+    assert adapter.model.is_gradient_checkpointing
+    with pytest.raises(BifocalError, match="every block or none"):
+        adapter.set_activation_checkpointing(2)
