@@ -134,7 +134,8 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
             results.append(load(res_path))
         else:
             print(f"[{name}] evaluating", flush=True)
-            result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed)
+            result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed,
+                                      model_label=scheme)
             results.append(result)
         print(tasks_eval.format_table(results[-1].rows), flush=True)
         if p is not None and scheme in ("bifocal", "spectral"):

@@ -127,9 +127,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: str | None = None,
-        out: str | Path | None = None, train_seed: int | None = None) -> tuple[EvalResult, Path]:
+        out: str | Path | None = None, train_seed: int | None = None,
+        model_label: str | None = None) -> tuple[EvalResult, Path]:
     """Evaluate the model at `model_path` on `task` (`seed`: the examples' seed; `train_seed`, if
-    given, is recorded so a report averages over training seeds); write and return the result."""
+    given, is recorded so a report averages over training seeds); write and return the result.
+    `model_label` names the report row (default: the run directory's name); the runs of one scheme
+    with different seeds share it, so the report averages them instead of listing each run."""
     from .loading import load_model
 
     if n < 1:
@@ -138,7 +141,7 @@ def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: 
         raise BifocalError(f"--n must be >= 1, got {n}")
     model, tok = load_model(model_path, device=device)
     rows = evaluate_task(model, tok, task, n, seed, training_params(model_path, task))
-    result = EvalResult(kind="tasks", model=model_name(model_path), scheme=model_scheme(model), rows=rows,
+    result = EvalResult(kind="tasks", model=model_label or model_name(model_path), scheme=model_scheme(model), rows=rows,
                         train_len=train_len(model), extra={"task": task, "seed": seed})
     if train_seed is not None:
         result.extra["train_seed"] = train_seed

@@ -81,20 +81,25 @@ def test_eval_tasks_writes_a_row_per_setting(modular, tmp_path):
         assert r["n"] == 4 and 0.0 <= r["exact_match"] <= 1.0 and r["loss"] > 0
 
 
-def test_study_tasks_smoke(tmp_path):
-    args = ["study", "tasks", "--task", "modular", "--schemes", "rope,bifocal", "--steps", "3", "--n", "4",
-            "--out", str(tmp_path / "study"),
+def test_study_tasks_smoke_with_seeds(tmp_path):
+    # Two training seeds of one scheme: the report must average them in one row, not list two runs.
+    args = ["study", "tasks", "--task", "modular", "--schemes", "bifocal", "--seeds", "2", "--steps", "3",
+            "--n", "4", "--out", str(tmp_path / "study"),
             "--set", "data.sources=[{name: modular, synthetic: {task: modular, n_documents: 150, seed: 0}}]",
             "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "model.max_seq_len=64",
-            "--set", "train.micro_batch=4"]
+            "--set", "train.micro_batch=4", "--set", "train.seed=7"]
     run_cli(args, cwd=tmp_path)
     study = tmp_path / "study"
     report = (study / "report.md").read_text()
-    assert "## Task: modular" in report and "| rope |" in report and "| bifocal |" in report
-    assert "k*2pi/7" in report  # the bifocal run's frequencies against 2*pi/p
+    assert "## Task: modular" in report and "| model | seeds |" in report
+    task_table = report.split("## Learned frequencies")[0]
+    rows = [line for line in task_table.splitlines() if line.startswith("| bifocal")]
+    assert len(rows) == 1 and rows[0].startswith("| bifocal | 2 |") and "±" in rows[0]
+    assert "k*2pi/7" in report  # the bifocal runs' frequencies against 2*pi/p
     assert (study / "tasks.png").stat().st_size > 0
-    for scheme in ("rope", "bifocal"):
-        assert results.load(study / "results" / f"{scheme}.json").scheme == scheme
+    for seed in (7, 8):
+        r = results.load(study / "results" / f"bifocal-s{seed}.json")
+        assert (r.model, r.scheme, r.extra["train_seed"]) == ("bifocal", "bifocal", seed)
     again = run_cli(args, cwd=tmp_path)  # finished runs are not retrained
     assert again.stdout.count("skipped") == 2
 
