@@ -9,7 +9,7 @@ A study YAML (configs/study/*.yaml) holds:
     overrides:            # per scheme, dotted run-config keys -> values
       rope: {model.position.scheme: rope}
     eval:
-      length_multiples: [1, 2, 4, 8, 16]   # of model.max_seq_len
+      length_multiples: [1, 2, 4, 8, 16]   # of model.max_seq_len; fractions (0.25) show context use
       scaling_variants: [pi, ntk, dynamic_ntk, yarn]
       scaling_schemes: [rope, bifocal]     # fixed-frequency heads to scale
       scaling_factor: 16                   # null: the largest multiple
@@ -51,7 +51,9 @@ RUN_SECTIONS = ("model", "data", "train", "optim", "deepspeed")  # `--set train.
 
 @dataclass
 class StudyEval:
-    length_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    # Of the training length. Below 1 (e.g. 0.25) scores windows shorter than training: a model
+    # that uses its context has a higher perplexity there than at 1x.
+    length_multiples: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     scaling_variants: list[str] = field(default_factory=lambda: list(ROPE_SCALING_TYPES))
     scaling_schemes: list[str] = field(default_factory=lambda: ["rope", "bifocal"])
     scaling_factor: float | None = None
@@ -158,8 +160,13 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     for v in study.eval.scaling_variants:
         if v not in ROPE_SCALING_TYPES:
             raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
-    if not study.eval.length_multiples or any(int(m) < 1 for m in study.eval.length_multiples):
-        raise BifocalError(f"{path}: eval.length_multiples must be positive integers")
+    multiples = study.eval.length_multiples
+    if not isinstance(multiples, list) or not multiples or any(
+            isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in multiples):
+        raise BifocalError(f"{path}: eval.length_multiples must be a non-empty list of positive numbers, got {multiples!r}")
+    train_len = (study.base.get("model") or {}).get("max_seq_len")
+    if isinstance(train_len, int):
+        study_lengths(multiples, train_len, str(path))
     if study.eval.step is not None and (isinstance(study.eval.step, bool) or not isinstance(study.eval.step, int)
                                         or study.eval.step < 1):
         raise BifocalError(f"{path}: eval.step must be a positive integer (a training step with a checkpoint)")
@@ -224,6 +231,19 @@ def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, 
 # Evaluation
 
 
+def study_lengths(multiples: list[float], train_len: int, where: str) -> list[int]:
+    """Evaluation lengths in tokens: each multiple of the training length must give a whole
+    number of tokens, at least 2 (one scored token needs a context token)."""
+    lengths = []
+    for m in multiples:
+        n = train_len * m
+        if abs(n - round(n)) > 1e-9 or round(n) < 2:
+            raise BifocalError(f"{where}: eval.length_multiples: {m} x training length {train_len} = {n:g} "
+                               "is not a whole number of tokens >= 2")
+        lengths.append(int(round(n)))
+    return sorted(set(lengths))
+
+
 def evaluations(study: Study, scheme: str, lengths: list[int], train_len: int) -> list[tuple[str | None, float]]:
     """(variant or None, factor) pairs to evaluate for one scheme."""
     out: list[tuple[str | None, float]] = [(None, 1.0)]
@@ -254,7 +274,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
     step = ev.step if ev.step is not None else json.loads((run_dir / "summary.json").read_text())["step"]
     cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     train_len = int(cfg_raw["model"]["max_seq_len"])
-    lengths = [train_len * int(m) for m in ev.length_multiples]
+    lengths = study_lengths(ev.length_multiples, train_len, str(run_dir))
     prepared = PreparedData(cfg_raw["data"]["prepared_dir"])
     paths = []
     for variant, factor in evaluations(study, scheme, lengths, train_len):

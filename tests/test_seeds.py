@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -99,3 +100,14 @@ def test_headline_table_from_report_json(tmp_path):
     assert lines[2] == "| bifocal | 3 | 21.0 ± 0.5 | 22.5 ± 0.5 | 24.0 ± 1.0 | 1.143 ± 0.020 |"
     assert lines[3].startswith("| rope | 3 | 21.0 ± 1.0 |") and len(lines) == 4  # no pope results: no row
     assert main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_readme_headline_table_is_generated_from_the_committed_study():
+    """The README's table must be what `python -m bifocal.eval.headline docs/study-cpu/report.json`
+    prints today, so a re-run study cannot leave stale numbers in the README."""
+    from bifocal.eval.headline import headline
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "docs/study-cpu/report.json").read_text())["ppl_summary"]
+    table = headline(summary)
+    assert table and table in (root / "README.md").read_text()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from bifocal.eval.results import load
-from bifocal.eval.study import evaluations, load_study
+from bifocal.eval.study import evaluations, load_study, study_lengths
 from bifocal.core.errors import BifocalError
 
 from conftest import run_cli
@@ -71,19 +71,27 @@ def test_study_file_validation(tmp_path):
     assert evaluations(s, "rope", [128, 2048], 128) == [(None, 1.0), ("pi", 16.0), ("ntk", 16.0),
                                                         ("dynamic_ntk", 1.0), ("yarn", 16.0)]
     assert evaluations(s, "pope", [128, 2048], 128) == [(None, 1.0)]
+    # fractions of the training length score shorter windows (context use); they must give whole tokens
+    assert study_lengths([0.25, 0.5, 1, 16], 32, "x") == [8, 16, 32, 512]
+    for bad in ([0.3], [1 / 32], [0], [-1], ["2"], [True]):
+        with pytest.raises(BifocalError, match="length_multiples"):
+            load_study("cpu", [f"eval.length_multiples={bad!r}"])
 
 
 def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
     args = ["study", "extrapolation", "--preset", "smoke", "--out", "out", "--schemes", "rope", "--seeds", "2",
-            "--set", "eval.scaling_variants=[]", "--set", "train.save_every=3", "--set", "train.keep_last=2"]
+            "--set", "eval.scaling_variants=[]", "--set", "train.save_every=3", "--set", "train.keep_last=2",
+            "--set", "eval.length_multiples=[0.25, 1, 2]"]
     proc = run_cli(args, tmp_path, timeout=1200)
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["rope-s1234", "rope-s1235"]
     results = [load(out / "results" / f"rope-s{s}.json") for s in (1234, 1235)]
     assert [r.extra["train_seed"] for r in results] == [1234, 1235]
+    assert [row["length"] for row in results[0].rows] == [8, 32, 64]
     assert results[0].rows[0]["ppl"] != results[1].rows[0]["ppl"]  # different seeds, different models
     md = (out / "report.md").read_text()
     assert "| rope | rope | 2 | 32 |" in md and "±" in md
+    assert "| 8 | 32 | 64* |" in md  # only lengths past the training length are marked
     assert "own perplexity at its training length" in md
     assert "seeds 1234, 1235" in proc.stdout
     # eval.step: the step-3 checkpoints of the same runs, evaluated without training, into out/step3
