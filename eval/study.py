@@ -6,6 +6,8 @@ A study YAML (configs/study/*.yaml) holds:
     base:                 # a run config: `include:` (relative to the study file) and/or sections
     schemes: [rope, bifocal, spectral, pope]
     seeds: 3              # N (train.seed, +1, ... +N-1) or a list of seeds; --seeds N overrides
+    label: fit            # optional (or --label): result rows read `bifocal[fit]`, so an ablation
+                          # study's results can be reported beside the main study's
     overrides:            # per scheme, dotted run-config keys -> values
       rope: {model.position.scheme: rope}
     eval:
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +79,10 @@ class Study:
     overrides: dict[str, dict[str, Any]]
     eval: StudyEval
     seeds: list[int] = field(default_factory=list)  # empty: the base config's train.seed, one run
+    label: str | None = None  # tags result rows `scheme[label]`
+
+    def model_name(self, scheme: str) -> str:
+        return f"{scheme}[{self.label}]" if self.label else scheme
 
     def run_config(self, scheme: str, seed: int | None = None) -> dict:
         """The full run config of one scheme: base, then its overrides, then the seed."""
@@ -128,9 +135,9 @@ def _base_config(base: Any, study_path: Path) -> dict:
 
 
 def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None,
-               seeds: int | None = None) -> Study:
-    """Read and validate a study (a preset name or a YAML path), `--set`, `--schemes` and
-    `--seeds` applied."""
+               seeds: int | None = None, label: str | None = None) -> Study:
+    """Read and validate a study (a preset name or a YAML path), `--set`, `--schemes`,
+    `--seeds` and `--label` applied."""
     path = _preset_path(preset)
     raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
     sets = []
@@ -138,7 +145,7 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         key = item.split("=", 1)[0].strip()
         sets.append(f"base.{item}" if key.split(".")[0] in RUN_SECTIONS else item)
     raw = deep_merge(raw, parse_overrides(sets))
-    known = ("base", "schemes", "seeds", "overrides", "eval")
+    known = ("base", "schemes", "seeds", "overrides", "eval", "label")
     for key in raw:
         if key not in known:
             raise BifocalError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
@@ -154,6 +161,10 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
                                    "--seeds" if seeds is not None else str(path)))
     if schemes:
         study.schemes = [s.strip() for s in schemes.split(",") if s.strip()]
+    study.label = label if label is not None else raw.get("label")
+    if study.label is not None and (not isinstance(study.label, str)
+                                    or not re.fullmatch(r"[A-Za-z0-9_.=,-]+", study.label)):
+        raise BifocalError(f"{path}: label {study.label!r}: letters, digits and _ . = , - only")
     for s in study.schemes:
         if s not in SCHEMES:
             raise BifocalError(f"scheme {s!r}: one of {', '.join(SCHEMES)}")
@@ -280,7 +291,8 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
     for variant, factor in evaluations(study, scheme, lengths, train_len):
         run_name = name or scheme
         path = out / "results" / (f"{run_name}-{variant}.json" if variant else f"{run_name}.json")
-        settings = {"eval": asdict(ev), "step": step, "lengths": lengths, "factor": factor}
+        settings = {"eval": asdict(ev), "step": step, "lengths": lengths, "factor": factor,
+                    "model": study.model_name(scheme)}
         if path.is_file():
             try:
                 if load(path).extra.get("settings") == json.loads(json.dumps(settings)):
@@ -309,7 +321,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
             print(f"[study] warning: {shown}: length {n}: {why}", flush=True)
         extra = {"run_dir": str(run_dir), "settings": settings, "skipped": skipped,
                  "train_seed": int(cfg_raw["train"].get("seed", 1234)) if seed is None else seed}
-        result = EvalResult(kind="ppl", model=scheme, scheme=scheme, rows=rows, variant=variant or "none",
+        result = EvalResult(kind="ppl", model=study.model_name(scheme), scheme=scheme, rows=rows, variant=variant or "none",
                             factor=factor, train_len=train_len, extra=extra)
         paths.append(result.save(path))
     return paths
@@ -352,6 +364,6 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
 def main(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise BifocalError(f"--seeds must be >= 1, got {args.seeds}")
-    study = load_study(args.preset, args.overrides, args.schemes, args.seeds)
+    study = load_study(args.preset, args.overrides, args.schemes, args.seeds, args.label)
     run_study(study, args.out)
     return 0

@@ -160,6 +160,8 @@ def _study(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--schemes", default=None, help="comma-separated subset of schemes")
     ex.add_argument("--seeds", type=int, default=None,
                     help="train every scheme with N seeds (train.seed, +1, ...); report mean ± std")
+    ex.add_argument("--label", default=None,
+                    help="tag result rows scheme[LABEL] (ablations reported beside the main study)")
     ex.set_defaults(handler="bifocal.eval.study:main")
 
     tks = ssub.add_parser("tasks", help="train the schemes on an algorithmic task, evaluate in/out of distribution")

@@ -73,6 +73,10 @@ def test_study_file_validation(tmp_path):
     assert evaluations(s, "pope", [128, 2048], 128) == [(None, 1.0)]
     # fractions of the training length score shorter windows (context use); they must give whole tokens
     assert study_lengths([0.25, 0.5, 1, 16], 32, "x") == [8, 16, 32, 512]
+    assert load_study("smoke", label="fit").model_name("bifocal") == "bifocal[fit]"
+    assert load_study("smoke").model_name("bifocal") == "bifocal"
+    with pytest.raises(BifocalError, match="label"):
+        load_study("smoke", label="a b|c")
     for bad in ([0.3], [1 / 32], [0], [-1], ["2"], [True]):
         with pytest.raises(BifocalError, match="length_multiples"):
             load_study("cpu", [f"eval.length_multiples={bad!r}"])
@@ -95,8 +99,9 @@ def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
     assert "own perplexity at its training length" in md
     assert "seeds 1234, 1235" in proc.stdout
     # eval.step: the step-3 checkpoints of the same runs, evaluated without training, into out/step3
-    mid = run_cli(args + ["--set", "eval.step=3"], tmp_path, timeout=1200)
+    mid = run_cli(args + ["--set", "eval.step=3", "--label", "step3"], tmp_path, timeout=1200)
     assert "training" not in mid.stdout
     early = load(out / "step3" / "results" / "rope-s1234.json")
     assert early.extra["settings"]["step"] == 3 and early.rows[0]["ppl"] != results[0].rows[0]["ppl"]
+    assert early.model == "rope[step3]" and early.scheme == "rope"  # --label tags the rows
     assert (out / "step3" / "report.md").is_file()
