@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from bifocal import configs
 from bifocal.core.errors import BifocalError
 
@@ -134,6 +136,10 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
             results.append(load(res_path))
         else:
             print(f"[{name}] evaluating", flush=True)
+            # Always record the training seed (a single-seed study too), so that results of
+            # separate studies can be combined in one `eval report` without overwriting each other.
+            if train_seed is None:
+                train_seed = int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"])
             result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed,
                                       model_label=scheme)
             results.append(result)

@@ -102,6 +102,10 @@ def test_study_tasks_smoke_with_seeds(tmp_path):
         assert (r.model, r.scheme, r.extra["train_seed"]) == ("bifocal", "bifocal", seed)
     again = run_cli(args, cwd=tmp_path)  # finished runs are not retrained
     assert again.stdout.count("skipped") == 2
+    # A single-seed study records its training seed too, so separate studies combine in one report.
+    single = [a for a in args if a not in ("--seeds", "2")][:-1] + ["train.seed=9"]
+    run_cli(single, cwd=tmp_path)
+    assert results.load(study / "results" / "bifocal.json").extra["train_seed"] == 9
 
 
 def test_training_params_are_read_from_the_runs_config(tmp_path):
