@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from bifocal import configs
 from bifocal.core.errors import BifocalError
@@ -109,12 +108,13 @@ def frequency_section(out: Path, spectra: dict[str, dict]) -> str:
 
 
 def seed_runs(task: str, schemes: list[str], seeds: int, overrides: list[str]) -> list[tuple[str, int | None, str]]:
-    """(scheme, training seed or None, run name): one run per scheme, or per scheme and seed."""
-    if seeds <= 1:
-        return [(s, None, s) for s in schemes]
+    """(scheme, training seed, run name): one run per scheme, or per scheme and seed. The seed is
+    always given (a single-seed study too), so results of separate studies combine in one report."""
     from bifocal.run.config import load_config
 
     first = load_config(task_config(task), overrides).train.seed
+    if seeds <= 1:
+        return [(s, first, s) for s in schemes]
     return [(s, first + i, f"{s}-s{first + i}") for s in schemes for i in range(seeds)]
 
 
@@ -136,10 +136,6 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
             results.append(load(res_path))
         else:
             print(f"[{name}] evaluating", flush=True)
-            # Always record the training seed (a single-seed study too), so that results of
-            # separate studies can be combined in one `eval report` without overwriting each other.
-            if train_seed is None:
-                train_seed = int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"])
             result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed,
                                       model_label=scheme)
             results.append(result)
