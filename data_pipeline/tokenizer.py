@@ -2,6 +2,13 @@
 
 A `TextTokenizer` keeps the exact bytes of its file, so `hash` (sha256 of the file) is the same
 whether it was just trained, loaded, or copied into a prepared data directory.
+
+Document text is data: a control token's spelling inside a text (`<|endoftext|>`, Llama's `<s>`,
+`</s>`, `<|begin_of_text|>`) is encoded as the characters it is made of, never as the control id,
+so the only end-of-document and BOS ids in prepared shards are those `prepare` inserts. For a
+`tokenizers` file this is its documented `Tokenizer.encode_special_tokens` switch (tokenizers >=
+0.19), set on load and not stored in the file; SentencePiece never matches control symbols
+(eos/bos/unk) in text.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class TextTokenizer:
             from tokenizers import Tokenizer
 
             self._tok = Tokenizer.from_str(file_bytes.decode("utf-8"))
+            self._tok.encode_special_tokens = True  # special tokens' spellings in text stay text
             self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
             ids = [self._tok.token_to_id(t) for t in _EOD_CANDIDATES]
             eod = next((i for i in ids if i is not None), None)
@@ -51,6 +59,8 @@ class TextTokenizer:
             raise BifocalError(f"tokenizer has no end-of-document token (looked for {', '.join(_EOD_CANDIDATES)} / eos)")
         self.eod_id = int(eod)
         self.bos_id = self._bos()
+        if kind == "bpe":  # a file may list its eos/bos as plain added tokens: make them special too
+            self._tok.add_special_tokens([self._tok.id_to_token(i) for i in (self.eod_id, self.bos_id) if i is not None])
 
     def _bos(self) -> int | None:
         """The token the tokenizer itself puts at the start of a text (Llama's <s> or
