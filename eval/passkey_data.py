@@ -1,83 +1,102 @@
-"""Passkey-retrieval prompts: a 5-digit key hidden at a chosen depth inside repeated filler.
+"""Passkey-retrieval samples, built in token space: a key line hidden at a token-exact depth in a
+haystack drawn from the model's own domain.
 
-The standard layout (Mohtashami & Jaggi, 2023): instruction, filler repeated to fill the context,
-the key line inserted between filler units, and a question the model completes with the key.
-The filler is repeated as often as fits ``n_tokens_target`` under the caller's tokenizer.
+The task is Mohtashami & Jaggi's (2023, arXiv 2305.16300): a 5-digit key stated once inside
+irrelevant text, and a cue the model completes with the key. Two departures make it fit small
+base models trained on short contexts:
+
+- no instruction text (a base model does not follow it, and it alone took 78 tokens of a
+  code-trained 512-token BPE, over twice a 32-token training length), and the key line is the cue
+  plus the key, so retrieval is copying what followed the cue earlier;
+- the haystack is a contiguous slice of a token stream the caller gives (`bifocal eval passkey`
+  uses the model's validation split), not a fixed English sentence, so a model trained on code
+  is tested on code.
+
+A sample of length L is exactly L tokens of context counting the answer::
+
+    haystack[:offset] + NEEDLE(key) + haystack[offset:] + QUESTION   -> answer " <key>"
+
+so greedy decoding of the answer's tokens, plus one token to see that the number ends, reads
+positions 0 .. L-1 only: at L = the training length the whole trial is in distribution.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from bifocal.core.errors import BifocalError
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-         "them. I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+NEEDLE = " pass key is {key}."
+QUESTION = " pass key is"
+KEY_DIGITS = 5
+# Keys are uniform over the 9 * 10^4 five-digit numbers (no leading zero): the probability that a
+# guess independent of the prompt is the key.
+CHANCE = 1 / (9 * 10 ** (KEY_DIGITS - 1))
 
 
 @dataclass
 class PasskeySample:
-    prompt: str
-    key: str              # 5 digits, no leading zero
-    depth: float          # requested relative position of the key line among the filler units
-    key_char_offset: int  # index in ``prompt`` of the key's first digit (first occurrence)
-    n_filler: int = 0     # filler units in the prompt
-    n_tokens: int = 0     # len(tokenizer_encode(prompt))
+    ids: list[int]      # the prompt's tokens (haystack with the needle, then the question)
+    key: str            # KEY_DIGITS digits, no leading zero
+    answer: list[int]   # the reference answer's tokens, encode(" " + key)
+    offset: int         # token index of the needle's first token (= haystack tokens before it)
+    n_filler: int       # haystack tokens in the prompt
+    depth: float        # offset / n_filler: 0 = first, 1 = right before the question (0 if no haystack)
+
+    @property
+    def n_tokens(self) -> int:
+        """Context length of the trial: prompt plus answer tokens."""
+        return len(self.ids) + len(self.answer)
 
 
-def _build(key: str, depth: float, n_filler: int) -> tuple[str, int]:
-    """Prompt with ``n_filler`` units, the key line after round(depth * n_filler) of them."""
-    before = round(depth * n_filler)
-    head = " ".join([INTRO] + [FILLER] * before + [""])
-    line = KEY_LINE.format(key=key)
-    prompt = head + " ".join([line] + [FILLER] * (n_filler - before) + [QUESTION])
-    return prompt, len(head) + line.index(key)
+def insertion_point(u: float, n_filler: int) -> int:
+    """The needle's offset among the n_filler + 1 places between haystack tokens, for u in [0, 1]:
+    floor(u * (n_filler + 1)), capped at n_filler. A uniform u gives every place probability
+    1 / (n_filler + 1): depths are uniform to the token, not rounded to a unit of text."""
+    if not 0.0 <= u <= 1.0:
+        raise BifocalError(f"depth must be in [0, 1], got {u!r}")
+    return min(math.floor(u * (n_filler + 1)), n_filler)
 
 
-def make_passkey_prompt(n_tokens_target: int, tokenizer_encode: Callable[[str], list[int]],
+def stratified_depths(trials: int, rng: random.Random) -> list[float]:
+    """One u uniform in each of the `trials` equal strata of [0, 1): the trials of one length cover
+    every depth band evenly, and each u is still marginally uniform."""
+    return [(i + rng.random()) / trials for i in range(trials)]
+
+
+def make_passkey_prompt(length: int, encode: Callable[[str], list[int]], haystack: Sequence[int],
                         rng: random.Random, depth: float | None = None) -> PasskeySample:
-    """The longest passkey prompt whose encoding has at most ``n_tokens_target`` tokens.
+    """A sample whose prompt plus answer is exactly `length` tokens.
 
-    ``depth`` (0 = key right after the instruction, 1 = right before the question) is drawn
-    uniformly from [0, 1] when None. Draws from ``rng`` in a fixed order, so a seed reproduces
-    the sample for the same target and tokenizer.
+    `haystack`: token ids to slice the filler from (a window at a uniform start); `depth`: u in
+    [0, 1] for `insertion_point` (drawn uniformly from `rng` when None). Draws the key, then u,
+    then the window start from `rng`, so a seed reproduces the sample for the same length,
+    tokenizer and haystack. Raises BifocalError when `length` cannot hold the needle, question and
+    answer, or the haystack is shorter than the filler needed.
     """
-    if depth is None:
-        depth = rng.random()
-    if not 0.0 <= depth <= 1.0:
-        raise BifocalError(f"depth must be in [0, 1], got {depth}")
-    key = str(rng.randint(10000, 99999))
-
-    cache: dict[int, int] = {}
-
-    def n_tokens(n_filler: int) -> int:
-        if n_filler not in cache:
-            cache[n_filler] = len(tokenizer_encode(_build(key, depth, n_filler)[0]))
-        return cache[n_filler]
-
-    if n_tokens(0) > n_tokens_target:
-        raise BifocalError(f"n_tokens_target={n_tokens_target} is too small: the prompt without any "
-                         f"filler already has {n_tokens(0)} tokens")
-    # Token count grows with the filler count (exactly for byte-level, near enough for BPE), so
-    # an exponential then a binary search needs O(log n) encodes of the long prompt.
-    lo, hi = 0, 1
-    while n_tokens(hi) <= n_tokens_target:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if n_tokens(mid) <= n_tokens_target else (lo, mid)
-    prompt, offset = _build(key, depth, lo)
-    return PasskeySample(prompt=prompt, key=key, depth=depth, key_char_offset=offset,
-                         n_filler=lo, n_tokens=n_tokens(lo))
+    key = str(rng.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS - 1))
+    u = rng.random() if depth is None else depth
+    needle, question, answer = encode(NEEDLE.format(key=key)), encode(QUESTION), encode(" " + key)
+    n_filler = length - len(needle) - len(question) - len(answer)
+    if n_filler < 0:
+        raise BifocalError(f"passkey length {length} is too small: the key line, question and answer alone "
+                           f"take {length - n_filler} tokens")
+    if len(haystack) < n_filler:
+        raise BifocalError(f"the filler text has {len(haystack)} tokens; a passkey prompt of {length} tokens "
+                           f"needs {n_filler}")
+    offset = insertion_point(u, n_filler)
+    start = rng.randrange(len(haystack) - n_filler + 1)
+    hay = [int(t) for t in haystack[start:start + n_filler]]
+    ids = hay[:offset] + needle + hay[offset:] + question
+    return PasskeySample(ids=ids, key=key, answer=answer, offset=offset, n_filler=n_filler,
+                         depth=offset / n_filler if n_filler else 0.0)
 
 
 def is_correct(sample: PasskeySample, generated: str) -> bool:
-    """Whether the model's continuation of ``sample.prompt`` starts with the key."""
+    """Whether the model's continuation of the prompt starts with the key (and the number ends there)."""
     match = re.match(r"\s*(\d+)", generated)
     return match is not None and match.group(1) == sample.key

@@ -227,6 +227,10 @@ def render_markdown(results: list[EvalResult]) -> str:
     passkey = _by_label(results, "passkey")
     if passkey:
         lines += _length_tables(passkey, "accuracy", "Passkey retrieval accuracy")
+        chance = sorted({row["chance"] for g in passkey.values() for r in g for row in r.rows if "chance" in row})
+        if chance:  # rows of `bifocal eval passkey` carry it; lengths up to the training length are the control
+            lines += [f"Chance level (a guess independent of the prompt): {', '.join(f'{c:.2g}' for c in chance)}. "
+                      "Lengths up to the training length are the in-distribution control.", ""]
     lines += _tasks_tables(results)
     return "\n".join(lines).rstrip() + "\n"
 

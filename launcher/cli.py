@@ -122,7 +122,10 @@ def _eval(sub: argparse._SubParsersAction) -> None:
 
     pk = esub.add_parser("passkey", help="passkey retrieval accuracy against context length")
     pk.add_argument("model")
-    pk.add_argument("--lengths", default="256,512,1024")
+    pk.add_argument("--lengths", default=None, help="comma-separated context lengths, answer included "
+                    "(default: 1,2,4,8,16 x the training length)")
+    pk.add_argument("--data", default=None, help="filler text: a prepared dir (validation split) or raw files "
+                    "(default: the run's own validation split)")
     pk.add_argument("--trials", type=int, default=10)
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])

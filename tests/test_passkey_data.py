@@ -1,73 +1,115 @@
-"""Passkey prompts: layout, key position, token budget, reproducibility, depth distribution."""
+"""Passkey samples on a real tokenizer and real validation text: exact length (the training length
+of the CPU preset included), token-exact and uniform depths, reproducibility, bad input."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
+import numpy as np
 import pytest
 
-from bifocal.eval.passkey_data import FILLER, INTRO, QUESTION, is_correct, make_passkey_prompt
+from bifocal.core.errors import BifocalError
+from bifocal.data_pipeline.loader import PreparedData, iter_documents
+from bifocal.data_pipeline.tokenizer import load_tokenizer
+from bifocal.eval.passkey_data import (CHANCE, NEEDLE, QUESTION, insertion_point, is_correct, make_passkey_prompt,
+                                       stratified_depths)
 
 
-def byte_encode(s: str) -> list[int]:
-    return list(s.encode())
+@pytest.fixture(scope="module")
+def tok_and_hay(tiny_config):
+    """The tiny config's 512-token BPE (prose and code, like the CPU preset's) and its validation text."""
+    import yaml
+
+    prepared = yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]
+    hay = np.concatenate(list(iter_documents(PreparedData(prepared), "val")))
+    return load_tokenizer(prepared), hay
 
 
-def word_encode(s: str) -> list[int]:
-    return [len(w) for w in s.split()]
+def _split(tok, s):
+    """(haystack part, needle, question) of a sample, from its ids and offset."""
+    needle, question = tok.encode(NEEDLE.format(key=s.key)), tok.encode(QUESTION)
+    assert s.ids[s.offset:s.offset + len(needle)] == needle and s.ids[len(s.ids) - len(question):] == question
+    return s.ids[:s.offset] + s.ids[s.offset + len(needle):len(s.ids) - len(question)], needle, question
 
 
-@pytest.mark.parametrize("target", [300, 1000, 4096, 20000])
-def test_prompt_fills_but_never_exceeds_the_target(target):
-    s = make_passkey_prompt(target, byte_encode, random.Random(0))
-    n = len(byte_encode(s.prompt))
-    assert n == s.n_tokens <= target
-    assert target - n < len(byte_encode(" " + FILLER))  # one more unit would not fit
-    assert s.prompt.startswith(INTRO + " ") and s.prompt.endswith(" " + QUESTION)
-    assert s.n_filler == s.prompt.count(FILLER)
+def _is_window(hay: np.ndarray, part: list[int]) -> bool:
+    windows = np.lib.stride_tricks.sliding_window_view(hay, len(part)) if part else None
+    return not part or bool((windows == np.asarray(part)).all(axis=1).any())
 
 
-def test_word_level_encoder_is_respected():
-    s = make_passkey_prompt(3000, word_encode, random.Random(1))
-    assert 3000 - len(FILLER.split()) < len(s.prompt.split()) <= 3000
+@pytest.mark.parametrize("length", [32, 33, 64, 200, 512])
+def test_prompt_plus_answer_is_exactly_the_length(tok_and_hay, length):
+    tok, hay = tok_and_hay
+    for seed in range(5):
+        s = make_passkey_prompt(length, tok.encode, hay, random.Random(seed))
+        assert s.n_tokens == len(s.ids) + len(s.answer) == length
+        assert s.answer == tok.encode(" " + s.key) and len(s.key) == 5 and s.key[0] != "0"
+        part, _, _ = _split(tok, s)
+        assert len(part) == s.n_filler and _is_window(hay, part)  # a contiguous window of validation text
 
 
-@pytest.mark.parametrize("depth", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
-def test_key_sits_at_the_stated_depth(depth):
-    s = make_passkey_prompt(8000, byte_encode, random.Random(7), depth=depth)
-    assert len(s.key) == 5 and s.key.isdigit()
-    assert s.depth == depth
-    assert s.prompt[s.key_char_offset:s.key_char_offset + 5] == s.key
-    line = f"The pass key is {s.key}. Remember it. {s.key} is the pass key."
-    before, after = s.prompt.split(line)
-    assert before.endswith(" ") and s.prompt.index(line) + len("The pass key is ") == s.key_char_offset
-    units_before = before.count(FILLER)
-    assert units_before + after.count(FILLER) == s.n_filler > 50
-    assert abs(units_before / s.n_filler - depth) <= 1 / s.n_filler  # within one filler unit
+def test_the_training_length_of_the_cpu_preset_holds_a_haystack(tok_and_hay):
+    # The old prompt (instruction + repeated English filler) had 133 tokens at its shortest, over
+    # 4x the preset's 32-token training length; now a 32-token trial has filler around the key.
+    tok, hay = tok_and_hay
+    samples = [make_passkey_prompt(32, tok.encode, hay, random.Random(i)) for i in range(20)]
+    assert all(s.n_tokens == 32 and s.n_filler >= 4 for s in samples)
+    with pytest.raises(BifocalError, match="too small"):
+        make_passkey_prompt(12, tok.encode, hay, random.Random(0))
 
 
-def test_reproducible_for_a_seed_and_varies_across_seeds():
-    a = make_passkey_prompt(2000, byte_encode, random.Random(42))
-    assert a == make_passkey_prompt(2000, byte_encode, random.Random(42))
-    keys = {make_passkey_prompt(2000, byte_encode, random.Random(i)).key for i in range(20)}
-    assert len(keys) > 15
+@pytest.mark.parametrize("u", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
+def test_key_line_sits_at_the_token_exact_depth(tok_and_hay, u):
+    tok, hay = tok_and_hay
+    s = make_passkey_prompt(300, tok.encode, hay, random.Random(7), depth=u)
+    assert s.offset == insertion_point(u, s.n_filler) == min(int(u * (s.n_filler + 1)), s.n_filler)
+    assert s.depth == s.offset / s.n_filler
+    _split(tok, s)  # the needle starts exactly at `offset`
 
 
-def test_random_depth_is_roughly_uniform():
-    depths = [make_passkey_prompt(600, byte_encode, random.Random(i)).depth for i in range(400)]
-    counts = [sum(q / 4 <= d < (q + 1) / 4 for d in depths) for q in range(4)]
-    assert all(70 <= c <= 130 for c in counts), counts  # expected 100 each
+def test_depths_are_uniform_over_every_token_position(tok_and_hay):
+    tok, hay = tok_and_hay
+    # Stratified over as many trials as insertion places: every place exactly once.
+    probe = make_passkey_prompt(64, tok.encode, hay, random.Random(0))
+    places = probe.n_filler + 1
+    rng = random.Random(1)
+    offsets = [insertion_point(u, probe.n_filler) for u in stratified_depths(places, rng)]
+    assert offsets == list(range(places))
+    # Drawn depths: each place about equally often (the old prompts put the key only between whole
+    # 20-odd-token filler sentences).
+    n = 40 * places
+    counts = Counter(make_passkey_prompt(64, tok.encode, hay, random.Random(i)).offset for i in range(n))
+    assert sorted(counts) == list(range(places))
+    assert max(counts.values()) < 2 * min(counts.values()), counts
 
 
-def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="n_tokens_target"):
-        make_passkey_prompt(50, byte_encode, random.Random(0))
-    with pytest.raises(ValueError, match="depth"):
-        make_passkey_prompt(1000, byte_encode, random.Random(0), depth=1.5)
+def test_stratified_depths_cover_each_stratum_once():
+    u = stratified_depths(10, random.Random(3))
+    assert [int(x * 10) for x in u] == list(range(10))
+    assert u != stratified_depths(10, random.Random(4))
 
 
-def test_is_correct_reads_the_leading_number():
-    s = make_passkey_prompt(500, byte_encode, random.Random(3))
-    assert is_correct(s, f" {s.key}. Remember it.")
+def test_reproducible_for_a_seed_and_varies_across_seeds(tok_and_hay):
+    tok, hay = tok_and_hay
+    a = make_passkey_prompt(128, tok.encode, hay, random.Random(42))
+    assert a == make_passkey_prompt(128, tok.encode, hay, random.Random(42))
+    samples = [make_passkey_prompt(128, tok.encode, hay, random.Random(i)) for i in range(20)]
+    assert len({s.key for s in samples}) > 15 and len({tuple(s.ids[:5]) for s in samples}) > 10
+
+
+def test_bad_arguments_raise(tok_and_hay):
+    tok, hay = tok_and_hay
+    with pytest.raises(BifocalError, match="depth"):
+        make_passkey_prompt(100, tok.encode, hay, random.Random(0), depth=1.5)
+    with pytest.raises(BifocalError, match="filler text has 10 tokens"):
+        make_passkey_prompt(100, tok.encode, hay[:10], random.Random(0))
+
+
+def test_is_correct_reads_the_leading_number(tok_and_hay):
+    tok, hay = tok_and_hay
+    s = make_passkey_prompt(64, tok.encode, hay, random.Random(3))
+    assert is_correct(s, f" {s.key}. pass")
     assert not is_correct(s, f" {s.key}9")
     assert not is_correct(s, f" the key is {s.key}")
+    assert CHANCE == 1 / 90000
