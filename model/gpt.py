@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +88,9 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        """`mask` (B, 1, T, past+T) bool, True where a query may attend (padding); None: causal."""
+                mask: Tensor | None = None, attentions: list[Tensor] | None = None) -> Tensor:
+        """`mask` (B, 1, T, past+T) bool, True where a query may attend; None: causal.
+        `attentions`: given, this layer's probabilities (B, n_head, T, past+T) are appended to it."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -100,15 +102,31 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         if mask is None and past and T > 1:
             mask = _cached_mask(T, past, x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and past == 0,  # fused causal kernels; one new token sees the whole cache
-            scale=1.0 / math.sqrt(self.head_dim),  # explicit: PoPE's keys are 2d wide
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        scale = 1.0 / math.sqrt(self.head_dim)  # explicit: PoPE's keys are 2d wide
+        dropout = self.dropout if self.training else 0.0
+        if attentions is not None:  # the probabilities are wanted: the same attention, unfused
+            y, probs = _attention_probs(q, k, v, mask, past, scale, dropout)
+            attentions.append(probs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout,
+                is_causal=mask is None and past == 0,  # fused causal kernels; one new token sees the whole cache
+                scale=scale, enable_gqa=self.n_kv_head != self.n_head,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _attention_probs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past: int, scale: float,
+                     dropout: float) -> tuple[Tensor, Tensor]:
+    """What `scaled_dot_product_attention` computes, with its probabilities (B, H, T, past+T):
+    softmax(q k^T scale + mask) v, softmax in fp32 (as transformers' eager attention)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    T = q.shape[2]
+    allowed = mask if mask is not None else _cached_mask(T, past, q.device)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, dropout) @ v, probs
 
 
 def _cached_mask(T: int, past: int, device: torch.device) -> Tensor:
@@ -117,13 +135,26 @@ def _cached_mask(T: int, past: int, device: torch.device) -> Tensor:
     return torch.arange(past + T, device=device)[None, :] <= rows
 
 
-def padding_mask(valid: Tensor, T: int, past: int) -> Tensor:
-    """(B, 1, T, past+T) attention mask for T new tokens after `past` cached ones, where `valid`
-    (B, past+T) is 1 for real tokens and 0 for padding (left or right). Every token also sees
-    itself, so padded query rows stay finite; real tokens never attend to padding."""
-    allowed = _cached_mask(T, past, valid.device)[None] & valid.bool()[:, None, :]
-    rows = torch.arange(T, device=valid.device)
-    allowed[:, rows, rows + past] = True
+def build_mask(T: int, past: int, valid: Tensor | None = None, documents: Tensor | None = None) -> Tensor | None:
+    """(B, 1, T, past+T) bool mask for T new tokens after `past` cached ones, True where a query may
+    attend, or None for plain causal attention (the fused causal kernels).
+
+    `valid` (B, past+T): 1 for real tokens, 0 for padding (left or right); real tokens never
+    attend to padding, and every token also sees itself so padded query rows stay finite.
+    `documents` (B, past+T): a document index per token; a token attends only within its own
+    document (packed windows, as Llama 3 and OLMo train)."""
+    if valid is not None and bool(valid.bool().all()):
+        valid = None  # nothing padded: keep the fused causal path
+    if valid is None and documents is None:
+        return None
+    ref = valid if valid is not None else documents
+    allowed = _cached_mask(T, past, ref.device)[None]
+    if documents is not None:
+        allowed = allowed & (documents[:, past:, None] == documents[:, None, :])
+    if valid is not None:
+        allowed = allowed & valid.bool()[:, None, :]
+        rows = torch.arange(T, device=ref.device)
+        allowed[:, rows, rows + past] = True
     return allowed[:, None]
 
 
@@ -137,8 +168,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache, mask))
+                mask: Tensor | None = None, attentions: list[Tensor] | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache, mask, attentions))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -150,7 +181,10 @@ class LMHead(nn.Linear):
         return super().forward(x) if labels is None else linear_cross_entropy(x, self.weight, labels)
 
 
-class GPT(nn.Module):
+class Decoder(nn.Module):
+    """Token embedding, the blocks and the final norm: ids (B, T) -> hidden states (B, T, d_model).
+    GPT adds the output head; the Hugging Face export's base model wraps this class as it is."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -158,10 +192,60 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         # Recompute every k-th block's activations in the backward (0: keep all); see
-        # set_activation_checkpointing.
+        # set_activation_checkpointing. `checkpoint_fn` is torch's, or the one transformers hands in.
         self.checkpoint_every = 0
+        self.checkpoint_fn = partial(checkpoint, use_reentrant=False)
+
+    def forward(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
+                positions: Tensor | None = None, cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                documents: Tensor | None = None, hidden_states: list[Tensor] | None = None,
+                attentions: list[Tensor] | None = None) -> Tensor:
+        """Final normed hidden states (B, T, d_model) of `input_ids` (B, T) or `inputs_embeds` (B, T, d_model).
+
+        `positions` (B, T) or (T,): each token's position, what every scheme rotates by; default
+        0..T-1, continuing from the cache's length. `attention_mask` (B, cached+T), 0 at padding:
+        padded keys are hidden (positions may count the padding: every scheme depends on m - n
+        only, and padding sits outside each row's contiguous real tokens). `documents` (B, cached+T):
+        a document index per token; attention stays within a document. `hidden_states`, given,
+        receives the input of every block and the final normed state (n_layer + 1 tensors, as
+        transformers' output_hidden_states); `attentions` every layer's probabilities."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=x.device)
+        ctx = make_context(self.cfg, positions)
+        mask = build_mask(T, past, attention_mask, documents)
+        x = self.drop(x)
+        recompute = (self.checkpoint_every > 0 and self.training and torch.is_grad_enabled() and cache is None
+                     and attentions is None)
+        for i, block in enumerate(self.blocks):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if recompute and i % self.checkpoint_every == 0:
+                x = self.checkpoint_fn(block, x, ctx, None, mask)
+            else:
+                x = block(x, ctx, cache, mask, attentions)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute blocks 0, k, 2k, ... in the backward instead of keeping their activations
+        (every=1: all blocks, 0: none). Selective checkpointing trades memory for less recompute."""
+        if every < 0:
+            raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
+        self.checkpoint_every = every
+
+
+class GPT(Decoder):
+    """The decoder with its output head: next-token logits and the training loss."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__(cfg)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(self._init_weights)
@@ -177,44 +261,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, start_pos: int = 0,
-                cache: KVCache | None = None, return_logits: bool = True,
-                attention_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, positions: Tensor | None = None,
+                cache: KVCache | None = None, return_logits: bool = True, attention_mask: Tensor | None = None,
+                documents: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab) and, given `labels` (B, T) aligned with `input_ids` (labels[t] is
         the token after input_ids[t]; -100 is ignored), the mean next-token cross-entropy.
 
-        `start_pos` offsets the positions (with a cache it defaults to the cache length).
-        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits.
-        `attention_mask` (B, cached+T), 0 at padding: padded keys are hidden. Positions still
-        count the padding, which is exact because every scheme depends on m - n only and
-        padding sits outside (left of or right of) each row's contiguous real tokens."""
-        T = input_ids.shape[1]
-        if cache is not None and start_pos == 0:
-            start_pos = cache.length
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
-        ctx = make_context(self.cfg, positions)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            mask = padding_mask(attention_mask, T, attention_mask.shape[1] - T)
-        x = self.drop(self.embed(input_ids))
-        recompute = self.checkpoint_every > 0 and self.training and torch.is_grad_enabled() and cache is None
-        for i, block in enumerate(self.blocks):
-            if recompute and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, ctx, None, mask, use_reentrant=False)
-            else:
-                x = block(x, ctx, cache, mask)
-        x = self.norm(x)
+        `positions`, `cache`, `attention_mask` and `documents` as in `Decoder.forward`.
+        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits."""
+        x = super().forward(input_ids, positions=positions, cache=cache, attention_mask=attention_mask,
+                            documents=documents)
         if labels is not None and not return_logits:
             return None, self.lm_head(x, labels)
         logits = self.lm_head(x)
         return logits, cross_entropy(logits, labels) if labels is not None else None
-
-    def set_activation_checkpointing(self, every: int) -> None:
-        """Recompute blocks 0, k, 2k, ... in the backward instead of keeping their activations
-        (every=1: all blocks, 0: none). Selective checkpointing trades memory for less recompute."""
-        if every < 0:
-            raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
-        self.checkpoint_every = every
 
     # -- training helpers -------------------------------------------------------------------
 

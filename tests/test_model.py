@@ -89,7 +89,7 @@ def test_scores_depend_only_on_relative_position(scheme):
     assert torch.allclose(scores[0], scores[1], atol=1e-4)
     assert torch.allclose(scores[0], scores[2], atol=2e-3)  # fp32 angles at position 1000
     x = ids()
-    assert torch.allclose(m(x)[0], m(x, start_pos=37)[0], atol=1e-4)
+    assert torch.allclose(m(x)[0], m(x, positions=torch.arange(37, 37 + x.shape[1]))[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

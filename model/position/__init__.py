@@ -31,10 +31,14 @@ def build_position(cfg: GPTConfig) -> PositionEncoding:
 
 
 def make_context(cfg: GPTConfig, positions: torch.Tensor) -> PositionContext:
-    """Per-forward tables shared by all layers: the fixed RoPE table when some head needs it."""
+    """Per-forward tables shared by all layers: the fixed RoPE table when some head needs it.
+
+    `positions`: (T,) or (B, T) integer positions of the tokens; (T,) means the same for every row.
+    The context holds them as (B, T) and the table as (B, 1, T, head_dim), broadcast over heads."""
     ctx = PositionContext(positions=positions)
     if cfg.n_fixed_heads:
-        ctx.cos, ctx.sin = fixed_table(positions, cfg.head_dim, cfg.position.rope_base, cfg.position.rope_scaling)
+        cos, sin = fixed_table(ctx.positions, cfg.head_dim, cfg.position.rope_base, cfg.position.rope_scaling)
+        ctx.cos, ctx.sin = cos[:, None], sin[:, None]
     return ctx
 
 

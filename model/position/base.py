@@ -1,7 +1,9 @@
 """The one interface every position scheme implements.
 
 A scheme turns per-head queries (B, n_head, T, d) and keys (B, n_kv_head, T, d) at integer
-positions into the tensors that go straight into `scaled_dot_product_attention`. Tables that do
+positions (B, T), given per token by the caller (torchtitan's and OLMo-core's convention: packed
+documents may restart at 0, a sequence-parallel shard starts at its offset, a cache continues from
+its length), into the tensors that go straight into `scaled_dot_product_attention`. Tables that do
 not depend on the layer (the fixed RoPE cos/sin) are built once per forward in a PositionContext
 shared by all layers, from positions computed on the fly: any length works, nothing is cached.
 """
@@ -15,9 +17,13 @@ from torch import Tensor, nn
 
 @dataclass
 class PositionContext:
-    positions: Tensor          # (T,) int64 absolute positions of the tokens in this forward
-    cos: Tensor | None = None  # (T, d) fixed RoPE table, float32, eval-time scaling applied
+    positions: Tensor          # (B, T) int64 position of every token (B may be 1: shared by all rows)
+    cos: Tensor | None = None  # (B, 1, T, d) fixed RoPE table, float32, eval-time scaling applied
     sin: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions.dim() == 1:  # (T,): the same positions for every row
+            self.positions = self.positions[None]
 
 
 class PositionEncoding(nn.Module):

@@ -31,9 +31,9 @@ class PolarPosition(PositionEncoding):
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         theta = pope_freqs(self.head_dim, self.base, q.device)
-        angles = ctx.positions.to(torch.float32)[:, None] * theta[None, :]            # (T, d)
-        delta = self.delta.float().clamp(-2 * math.pi, 0.0)[:, None, :]                # (Hkv, 1, d)
-        k_angles = angles[None] + delta
+        angles = ctx.positions.to(torch.float32)[:, None, :, None] * theta             # (B, 1, T, d)
+        delta = self.delta.float().clamp(-2 * math.pi, 0.0)[None, :, None, :]          # (1, Hkv, 1, d)
+        k_angles = angles + delta
         q = self._polar(q, angles.cos(), angles.sin())
         k = self._polar(k, k_angles.cos(), k_angles.sin())
         return q, k

@@ -98,12 +98,14 @@ def scaled_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None, seq
 
 
 def fixed_table(positions: Tensor, head_dim: int, base: float, scaling: RopeScaling | None) -> tuple[Tensor, Tensor]:
-    """(T, d) cos/sin for fixed RoPE heads at integer `positions`, any length, scaling applied."""
+    """(..., T, d) cos/sin for fixed RoPE heads at integer `positions` (..., T), any length, scaling
+    applied. Dynamic NTK takes the current length as the largest position + 1 (transformers'
+    `dynamic` takes the longest sequence seen, which is the same for one forward)."""
     # Only dynamic NTK depends on the current length; reading it syncs a GPU, so only then.
     dynamic = scaling is not None and scaling.type == "dynamic_ntk" and positions.numel() > 0
-    seq_len = int(positions[-1].item()) + 1 if dynamic else 0
+    seq_len = int(positions.max().item()) + 1 if dynamic else 0
     inv_freq, mscale = scaled_inv_freq(head_dim, base, scaling, seq_len, positions.device)
-    cos, sin = angles_to_table(positions.to(torch.float32)[:, None] * inv_freq[None, :])
+    cos, sin = angles_to_table(positions.to(torch.float32)[..., None] * inv_freq)
     if mscale != 1.0:
         cos, sin = cos * mscale, sin * mscale
     return cos, sin

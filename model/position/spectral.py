@@ -83,16 +83,17 @@ class SpectralRotary(PositionEncoding):
             self.phase.normal_(0.0, std) if std > 0 else self.phase.zero_()
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        """q (B, n_head, T, d), k (B, n_kv_head, T, d) at ctx.positions (B or 1, T) -> rotated q, k."""
         if self.n_spectral == 0:
             cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
             return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         pos = ctx.positions.to(torch.float32)
         omega = self.omega
-        k_angles = pos[None, :, None] * omega[:, None, :]                      # (Hs_kv, T, d/2)
-        q_angles = k_angles.repeat_interleave(self.group, dim=0) + self.phase.float()[:, None, :]
+        k_angles = pos[:, None, :, None] * omega[None, :, None, :]              # (B, Hs_kv, T, d/2)
+        q_angles = k_angles.repeat_interleave(self.group, dim=1) + self.phase.float()[None, :, None, :]
         k_cos, k_sin = angles_to_table(k_angles)
         q_cos, q_sin = angles_to_table(q_angles)
-        amp = torch.cat((self.amplitude, self.amplitude), dim=-1).float()[:, None, :]
+        amp = torch.cat((self.amplitude, self.amplitude), dim=-1).float()[None, :, None, :]
         q_cos, q_sin = q_cos * amp, q_sin * amp
         n_geo, n_geo_kv = self.n_head - self.n_spectral, self.n_kv_head - self.n_spectral_kv
         q_cos, q_sin = self._with_fixed(ctx, q_cos, q_sin, n_geo)
@@ -101,9 +102,8 @@ class SpectralRotary(PositionEncoding):
 
     @staticmethod
     def _with_fixed(ctx: PositionContext, cos: Tensor, sin: Tensor, n_fixed: int) -> tuple[Tensor, Tensor]:
-        """Prepend the shared fixed table for the geometric heads: one (H, T, d) table in all."""
+        """Prepend the shared fixed table for the geometric heads: one (B, H, T, d) table in all."""
         if n_fixed == 0:
             return cos, sin
-        fixed_cos = ctx.cos.expand(n_fixed, *ctx.cos.shape)
-        fixed_sin = ctx.sin.expand(n_fixed, *ctx.sin.shape)
-        return torch.cat((fixed_cos, cos), dim=0), torch.cat((fixed_sin, sin), dim=0)
+        shape = (cos.shape[0], n_fixed, *ctx.cos.shape[2:])
+        return torch.cat((ctx.cos.expand(shape), cos), dim=1), torch.cat((ctx.sin.expand(shape), sin), dim=1)
