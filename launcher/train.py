@@ -4,6 +4,7 @@
 
     state = setup(...)                        # setup.py: data, model, engine, resume
     while state.step < train.max_steps:
+        progress.before_step(state)           # the lr and loss scale the coming step uses
         result = train_step(state, ...)       # one optimizer step; a non-finite loss is handled here
         progress.after_step(state, result)    # metrics every train.log_every steps
         validation.after_step(state)          # validation loss every train.eval_every steps
@@ -71,6 +72,7 @@ class Progress:
         self.flops_per_token = flops_per_token(state.engine.module.cfg, cfg.model.max_seq_len)
         self.peak = peak_flops(state.device, cfg.deepspeed.precision, cfg.train.peak_tflops)
         reset_peak_memory(state.device)
+        self.lrs, self.loss_scale = [float("nan")], None
         self.bar = None
         if state.is_main:
             from tqdm import tqdm
@@ -80,6 +82,14 @@ class Progress:
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
+
+    def before_step(self, state: TrainState) -> None:
+        """What the coming step uses, read before it runs: the engine steps the scheduler (and an
+        fp16 loss scaler) at the end of the step, so reading them afterwards gives the next step's.
+        The lr of every param group, from the torch optimizer the engine steps."""
+        self.lrs = [float(g["lr"]) for g in state.scheduler.optimizer.param_groups]
+        engine = state.engine
+        self.loss_scale = float(engine.optimizer.cur_scale) if engine.fp16_enabled() else None
 
     def after_step(self, state: TrainState, result: StepResult) -> None:
         if result.finite:
@@ -92,7 +102,10 @@ class Progress:
         if self.steps and self.due(state.step):
             dt = time.perf_counter() - self.clock
             tokens_per_s = state.tokens_per_step * self.steps / max(dt, 1e-9)
-            record = {"step": state.step, "loss": self.loss_sum / self.steps, "lr": state.scheduler.get_last_lr()[0],
+            record = {"step": state.step, "loss": self.loss_sum / self.steps, "lr": self.lrs[0],
+                      # every group, in the model's order (param_groups: decay, no_decay, position)
+                      **{f"lr_group{i}": lr for i, lr in enumerate(self.lrs)},
+                      **({} if self.loss_scale is None else {"loss_scale": self.loss_scale}),
                       "grad_norm": result.grad_norm or 0.0, "tokens_per_s": tokens_per_s,
                       "tokens": state.step * state.tokens_per_step,
                       "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, dist.world_size()),
@@ -200,6 +213,7 @@ def train(state: TrainState) -> float | None:
     stop.install()
     try:
         while state.step < state.cfg.train.max_steps:
+            progress.before_step(state)
             result = train_step(state, stop.requested, want_grad_norm=progress.due(state.step + 1))
             progress.after_step(state, result)
             validation.after_step(state)
