@@ -2,8 +2,9 @@
 
 A fast search tool, not the benchmark of record: a plain PyTorch loop (AdamW, warm-up + cosine,
 clipping 1.0) on bifocal's GPT with a word-level vocabulary (every space-separated symbol is one
-token), random windows of the packed training documents, and greedy exact match on 200 fresh
-examples of the training distribution every --every steps, with accuracy per length. The settings
+token), random windows of the packed training documents (training-side instances only), and greedy
+exact match every --every steps on 200 held-out examples of the training distribution, with accuracy
+per length, and on 200 training-side ones (the recall control). The settings
 it finds are then run for real with `bifocal study tasks` (DeepSpeed, BPE, the task configs).
 
     python benchmarks/task_learnability.py --task modular --params '{"p": 5, "min_len": 1, "max_len": 4}' \
@@ -51,8 +52,9 @@ cfg = GPTConfig(vocab_size=len(words), n_layer=a.layers, n_head=a.heads, d_model
 model = GPT(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd, betas=(0.9, 0.95))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
-test = generate_examples(a.task, 200, 1, **params)
-def accuracy():
+test = generate_examples(a.task, 200, 1, side="test", **params)
+seen = generate_examples(a.task, 200, 1, side="train", **params)
+def accuracy(test=test):
     model.eval(); ok = 0; bylen = {}
     with torch.no_grad():
         for ex in test:
@@ -80,4 +82,6 @@ for step in range(1, a.steps + 1):
     _, loss = model(x, y, return_logits=False)
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
     if step % a.every == 0:
-        print(f"step {step} loss {loss.item():.4f} acc {accuracy():.3f} [{last_bylen}] t {time.time()-t0:.0f}s", flush=True)
+        recall = accuracy(seen)
+        print(f"step {step} loss {loss.item():.4f} acc {accuracy():.3f} [{last_bylen}] train-side {recall:.3f} "
+              f"t {time.time()-t0:.0f}s", flush=True)

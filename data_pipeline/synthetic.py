@@ -4,10 +4,16 @@ Every instance is one line, ``<prompt> = <answer>\\n``, with symbols separated b
 tokenizer splits them the same way. Training documents are several lines concatenated, so they
 flow through the ordinary prepare/pack pipeline. ``meta`` records the quantities that
 in/out-of-distribution splits are defined on (length, depth). Exact formats: docs/tasks.md.
+
+Held-out instances: `held_out(prompt)`, a hash of the prompt text, puts every instance on one side
+for good. Training documents (`generate_documents`, what `bifocal prepare` writes) draw only
+training-side instances, test sets (`generate_examples(..., side="test")`, what `bifocal eval
+tasks` draws) only held-out ones, so the two are disjoint whatever the seeds and sizes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +35,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 DYCK_MODES = ("complete", "validity")
 MODULAR_OPS = ("sum", "product")
+SIDES = ("train", "test")
+HELD_OUT_FRACTION = 0.2  # of the instances (by prompt), never in training documents
+MAX_DRAWS = 10_000       # draws per instance before a side is declared empty
 
 
 @dataclass
@@ -235,24 +244,49 @@ _MAKERS = {"dyck": _make_dyck, "modular": _make_modular, "rotation": _make_rotat
 # Public API
 
 
-def make_example(task: str, rng: random.Random, **params: Any) -> Example:
-    """One instance of ``task``; ``params`` override DEFAULTS[task] (unknown names rejected)."""
+def held_out(prompt: str) -> bool:
+    """Whether the instance with this prompt is held out of training (a test instance).
+
+    The first 8 bytes of blake2b(prompt) as an integer below HELD_OUT_FRACTION * 2^64: a fixed,
+    seed-free rule, so the training generator and the evaluation agree on every instance.
+    """
+    digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < HELD_OUT_FRACTION * 2 ** 64
+
+
+def make_example(task: str, rng: random.Random, side: str | None = None, **params: Any) -> Example:
+    """One instance of ``task``; ``params`` override DEFAULTS[task] (unknown names rejected).
+
+    ``side``: None (any instance), "train" (not `held_out`) or "test" (`held_out`), drawn by
+    rejection; ValueError when MAX_DRAWS draws find none (the input space is too small to have
+    that side).
+    """
     resolved = _resolve_params(task, params)  # rejects unknown tasks and parameters
-    return _MAKERS[task](rng, resolved)
+    if side is None:
+        return _MAKERS[task](rng, resolved)
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES} or None, got {side!r}")
+    for _ in range(MAX_DRAWS):
+        ex = _MAKERS[task](rng, resolved)
+        if held_out(ex.prompt) == (side == "test"):
+            return ex
+    raise ValueError(f"no {side}-side instance of {task!r} in {MAX_DRAWS} draws with {params}: the input "
+                     f"space is too small to hold out test instances; widen it (more or longer values)")
 
 
-def generate_examples(task: str, n: int, seed: int, **params: Any) -> list[Example]:
-    """``n`` instances, identical for the same (task, n, seed, params)."""
+def generate_examples(task: str, n: int, seed: int, side: str | None = None, **params: Any) -> list[Example]:
+    """``n`` instances (of ``side``, see `make_example`), identical for the same arguments."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _resolve_params(task, params)  # validate even when n == 0
     rng = random.Random(f"{task}:{seed}")
-    return [make_example(task, rng, **params) for _ in range(n)]
+    return [make_example(task, rng, side, **params) for _ in range(n)]
 
 
 def generate_documents(task: str, n: int, seed: int, per_doc: int = 8,
                        **params: Any) -> Iterator[str]:
-    """``n`` training documents of ``per_doc`` newline-terminated examples each."""
+    """``n`` training documents of ``per_doc`` newline-terminated training-side examples each:
+    no held-out instance (`held_out`) is ever written."""
     if isinstance(per_doc, bool) or not isinstance(per_doc, int) or per_doc < 1:
         raise ValueError(f"per_doc must be an integer >= 1, got {per_doc!r}")
     if n < 0:
@@ -260,7 +294,14 @@ def generate_documents(task: str, n: int, seed: int, per_doc: int = 8,
     _resolve_params(task, params)
     rng = random.Random(f"{task}:docs:{seed}")
     for _ in range(n):
-        yield "".join(make_example(task, rng, **params).text for _ in range(per_doc))
+        yield "".join(make_example(task, rng, "train", **params).text for _ in range(per_doc))
+
+
+def prompt_of(line: str) -> str | None:
+    """The prompt of one instance line (``<prompt> = <answer>``, up to and including "="), or None
+    for a line without one: how evaluation finds the instances of prepared training documents."""
+    head, sep, _ = line.partition("=")
+    return head + sep if sep else None
 
 
 def solve(task: str, prompt: str) -> str:
@@ -305,13 +346,15 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
 
 def eval_settings(task: str, params: dict | None = None) -> list[tuple[str, str, dict]]:
     """(split, setting label, params) grid around a training distribution (`params`, default
-    DEFAULTS): "in" is the training distribution itself, "out" is longer (max_len+1 .. 2*max_len,
-    2*max_len+1 .. 4*max_len) and, for Dyck, deeper at the training lengths. Every setting keeps
-    the other training parameters (modulus, alphabet, mode)."""
+    DEFAULTS). "train" draws training-side instances of that distribution (the recall control),
+    "in" held-out ones (generalisation within the distribution), "out" held-out ones that are
+    longer (max_len+1 .. 2*max_len, 2*max_len+1 .. 4*max_len) or, for Dyck, deeper at the training
+    lengths. Every setting keeps the other training parameters (modulus, alphabet, mode); draw its
+    instances with ``side=side_of(split)``."""
     train = dict(params or {})
     base = _resolve_params(task, train)
     lo, hi = base["min_len"], base["max_len"]
-    settings = [("in", f"len {lo}-{hi}", train)]
+    settings = [("train", f"len {lo}-{hi}", train), ("in", f"len {lo}-{hi}", train)]
     for a, b in ((hi + 1, 2 * hi), (2 * hi + 1, 4 * hi)):
         settings.append(("out", f"len {a}-{b}", {**train, "min_len": a, "max_len": b}))
     if task == "dyck":
@@ -319,3 +362,8 @@ def eval_settings(task: str, params: dict | None = None) -> list[tuple[str, str,
         # Same lengths as training, so only depth is out of distribution.
         settings.append(("out", f"depth {d + 1}-{2 * d}", {**train, "min_depth": d + 1, "max_depth": 2 * d}))
     return settings
+
+
+def side_of(split: str) -> str:
+    """The side an evaluation split draws from: "train" for the recall control, else "test"."""
+    return "train" if split == "train" else "test"

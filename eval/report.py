@@ -181,7 +181,8 @@ def task_column_key(column: tuple[str, str]) -> tuple:
     so "len 9-16" comes before "len 17-32" (a string sort puts "17" before "9")."""
     split, setting = column
     parts = re.split(r"(\d+)", setting)
-    return (split != "in", split, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
+    order = {"train": 0, "in": 1}.get(split, 2)  # the recall control, then held-out instances
+    return (order, split, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
 
 
 def _tasks_tables(results: list[EvalResult]) -> list[str]:
@@ -204,8 +205,15 @@ def _tasks_tables(results: list[EvalResult]) -> list[str]:
                 f"{_cell({k: row['loss'] for k, row in cs[c].items()}, False, 3)}" if c in cs else MISSING
                 for c in cols])
         what = "exact match (mean ± std over seeds) / loss (mean)" if seeded else "exact match / loss"
+        held = [row for r in task_results for row in r.rows if row["split"] != "train"]
+        checked = [row["train_overlap"] for row in held if row.get("train_overlap") is not None]
         out += [f"## Task: {task}", "", *_table(header, rows, 1), "",
-                f"Cells: {what}. `in` = training distribution, `out` = longer or deeper than training.", ""]
+                f"Cells: {what}. `train` = instances of the training side (recall control), `in` = instances of "
+                "the training distribution held out of training, `out` = held-out instances longer or deeper "
+                "than training (`> N tokens`: prompts longer than the training context).", ""]
+        if checked:
+            out += [f"Held-out prompts found in the training data: {sum(checked)} of {sum(r['n'] for r in held)} "
+                    f"({len(checked)} of {len(held)} cells checked).", ""]
     return out
 
 

@@ -9,7 +9,7 @@ One JSON object per evaluation run::
 Row fields by kind (extra fields in a row are kept):
     ppl:     {"length", "tokens", "loss", "ppl"}
     passkey: {"length", "trials", "accuracy"}
-    tasks:   {"split": "in" | "out", "setting", "n", "loss", "exact_match"}
+    tasks:   {"split": "train" | "in" | "out", "setting", "n", "loss", "exact_match"}
 For "tasks", put the task name in ``extra["task"]`` so the report keeps tasks apart.
 """
 

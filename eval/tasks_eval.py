@@ -1,10 +1,15 @@
-"""`bifocal eval tasks`: exact match and answer loss on an algorithmic task, in and out of
-the training distribution.
+"""`bifocal eval tasks`: exact match and answer loss on an algorithmic task, on instances held out
+of training, in and out of the training distribution, and beyond the training length.
 
-For every setting of `synthetic.eval_settings(task)` a fixed-seed set of examples is generated.
-Each prompt is fed after an end-of-document token (where a training document starts), the answer
-is decoded greedily (KV cache) until a newline or end-of-document, and scored with the task's own
-verifier. The loss is the mean cross-entropy of the reference answer tokens, teacher-forced.
+For every setting of `synthetic.eval_settings(task)`, plus one whose prompts alone are longer than
+the training context (`beyond_setting`), a fixed-seed set of examples is drawn from the side of
+`synthetic.held_out` the setting names: held-out instances everywhere except the "train" recall
+control. Every test prompt is looked up in the run's prepared documents (train and validation
+splits): a held-out setting with any prompt found there is an error, and each row counts them
+(`train_overlap`) with its distinct prompts. Each prompt is fed after an end-of-document token
+(where a training document starts), the answer is decoded greedily (KV cache) until a newline or
+end-of-document, and scored with the task's own verifier. The loss is the mean cross-entropy of the
+reference answer tokens, teacher-forced.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bifocal.data_pipeline.synthetic import Example, check_answer, eval_settings, generate_examples
+from bifocal.core.errors import BifocalError
+from bifocal.data_pipeline.synthetic import (DEFAULTS, HELD_OUT_FRACTION, Example, check_answer, eval_settings,
+                                             generate_examples, prompt_of, side_of)
 from bifocal.data_pipeline.tokenizer import TextTokenizer
 from bifocal.model import GPT
 from bifocal.model.loss import cross_entropy
@@ -78,16 +85,20 @@ def newline_token(tok: TextTokenizer) -> int | None:
 
 def evaluate_setting(model: GPT, tok: TextTokenizer, task: str, examples: list[Example],
                      desc: str = "") -> dict[str, Any]:
-    """{"n", "loss", "exact_match"} over `examples`."""
+    """{"n", "loss", "exact_match", "distinct", "min_tokens", "max_tokens"} over `examples`
+    (tokens: of `<EOD> prompt`, the context the first answer token is predicted from)."""
     nl = newline_token(tok)
     eod_text = tok.decode([tok.eod_id])
-    nll, count, correct = 0.0, 0, 0
+    nll, count, correct, lengths = 0.0, 0, 0, []
     for ex in tqdm(examples, desc=desc, leave=False, mininterval=1.0):
         enc = encode(tok, ex)
         s, n = answer_nll(model, enc)
         nll, count = nll + s, count + n
         correct += score(task, ex.prompt, greedy_answer(model, tok, enc, nl), eod_text)
-    return {"n": len(examples), "loss": nll / max(count, 1), "exact_match": correct / max(len(examples), 1)}
+        lengths.append(len(enc.prompt))
+    return {"n": len(examples), "loss": nll / max(count, 1), "exact_match": correct / max(len(examples), 1),
+            "distinct": len({ex.prompt for ex in examples}), "min_tokens": min(lengths, default=0),
+            "max_tokens": max(lengths, default=0)}
 
 
 def training_params(model_path: str | Path, task: str) -> dict[str, Any]:
@@ -103,26 +114,88 @@ def training_params(model_path: str | Path, task: str) -> dict[str, Any]:
     for src in sources:
         syn = src.get("synthetic") if isinstance(src, dict) else None
         if isinstance(syn, dict) and syn.get("task") == task:
-            return {k: v for k, v in syn.items() if k not in ("task", "n_documents", "seed", "per_doc")}
+            return training_params_of(syn)
     return {}
 
 
+def training_params_of(synthetic: dict[str, Any]) -> dict[str, Any]:
+    """The generator parameters of a `synthetic` source: everything but what sizes the data."""
+    return {k: v for k, v in synthetic.items() if k not in ("task", "n_documents", "seed", "per_doc")}
+
+
+def prepared_prompts(data: str | Path, tok: TextTokenizer) -> set[str]:
+    """The prompts of every instance line in the prepared documents at `data` (train and validation
+    splits), decoded with `tok`."""
+    from bifocal.data_pipeline.loader import PreparedData, iter_documents
+
+    prepared = PreparedData(data)
+    return {p for split in prepared.splits for doc in iter_documents(prepared, split)
+            for line in tok.decode(doc.tolist()).split("\n") if (p := prompt_of(line))}
+
+
+def training_prompts(model_path: str | Path, tok: TextTokenizer) -> tuple[set[str], str] | None:
+    """(`prepared_prompts` of the run's data.prepared_dir, that directory), or None for a model
+    without a run config (an export). Raises BifocalError when the run's prepared data is gone: the
+    held-out check needs it."""
+    from bifocal.run.config import load_config
+
+    config = Path(model_path) / "config.yaml"
+    if not config.is_file():
+        return None
+    data = Path(load_config(config).data.prepared_dir)
+    if not (data / "meta.json").is_file():
+        raise BifocalError(f"{data}: the run's prepared data is missing; the held-out check reads it "
+                           f"(re-run `bifocal prepare {config}`)")
+    return prepared_prompts(data, tok), str(data)
+
+
+def beyond_setting(task: str, params: dict[str, Any], tok: TextTokenizer, context_len: int) -> tuple[str, str, dict]:
+    """("out", label, params): lengths n .. 2n, n the smallest number of symbols at which 16 probe
+    instances all have `<EOD> prompt` longer than `context_len` tokens, so every answer token is
+    predicted at a position training never reached (tokens grow with symbols: each is its own
+    space-separated word). Doubling, then bisection over n."""
+    def within(n: int) -> bool:  # n or n + 1: a Dyck length of the wrong parity may be infeasible
+        probe = generate_examples(task, 16, 0, **{**params, "min_len": n, "max_len": n + 1})
+        return min(len(encode(tok, ex).prompt) for ex in probe) <= context_len
+
+    lo = hi = {**DEFAULTS[task], **params}["max_len"]
+    while within(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return "out", f"len {hi}-{2 * hi}, > {context_len} tokens", {**params, "min_len": hi, "max_len": 2 * hi}
+
+
 def evaluate_task(model: GPT, tok: TextTokenizer, task: str, n: int, seed: int,
-                  params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per setting of `eval_settings(task, params)`: in-distribution first."""
+                  params: dict[str, Any] | None = None, seen: set[str] | None = None) -> list[dict[str, Any]]:
+    """One row per setting of `eval_settings(task, params)` and `beyond_setting`, each drawn from
+    its split's side. `seen`: the training prompts; a held-out row with any of them raises
+    BifocalError, and every row counts them (`train_overlap`, None when `seen` is None)."""
+    params = dict(params or {})
+    settings = eval_settings(task, params) + [beyond_setting(task, params, tok, train_len(model))]
     rows = []
-    for split, setting, setting_params in eval_settings(task, params):
-        examples = generate_examples(task, n, seed, **setting_params)
+    for split, setting, setting_params in settings:
+        examples = generate_examples(task, n, seed, side=side_of(split), **setting_params)
+        overlap = None if seen is None else sum(ex.prompt in seen for ex in examples)
+        if overlap and side_of(split) == "test":
+            raise BifocalError(f"{overlap} of {n} held-out prompts of {task} {split}: {setting} occur in the "
+                               f"training data; it was prepared without the held-out rule, re-prepare and retrain")
         row = evaluate_setting(model, tok, task, examples, desc=f"{task} {split}: {setting}")
-        rows.append({"split": split, "setting": setting, **row})
+        rows.append({"split": split, "setting": setting, **row, "train_overlap": overlap})
+    beyond = rows[-1]
+    if beyond["min_tokens"] <= train_len(model):  # what the setting's label claims
+        raise BifocalError(f"{task} {beyond['setting']}: a prompt has only {beyond['min_tokens']} tokens")
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'split':<6} {'setting':<14} {'n':>5} {'loss':>8} {'exact':>7}"]
+    lines = [f"{'split':<6} {'setting':<26} {'n':>5} {'distinct':>8} {'seen':>5} {'loss':>8} {'exact':>7}"]
     for r in rows:
         loss = f"{r['loss']:.3f}" if math.isfinite(r["loss"]) else str(r["loss"])
-        lines.append(f"{r['split']:<6} {r['setting']:<14} {r['n']:>5} {loss:>8} {r['exact_match']:>7.3f}")
+        seen = "-" if r.get("train_overlap") is None else r["train_overlap"]
+        lines.append(f"{r['split']:<6} {r['setting']:<26} {r['n']:>5} {r.get('distinct', '-'):>8} {seen:>5} {loss:>8} "
+                     f"{r['exact_match']:>7.3f}")
     return "\n".join(lines)
 
 
@@ -136,13 +209,15 @@ def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: 
     from .loading import load_model
 
     if n < 1:
-        from bifocal.core.errors import BifocalError
-
         raise BifocalError(f"--n must be >= 1, got {n}")
     model, tok = load_model(model_path, device=device)
-    rows = evaluate_task(model, tok, task, n, seed, training_params(model_path, task))
+    found = training_prompts(model_path, tok)
+    seen, data = found if found is not None else (None, None)
+    rows = evaluate_task(model, tok, task, n, seed, training_params(model_path, task), seen)
     result = EvalResult(kind="tasks", model=model_label or model_name(model_path), scheme=model_scheme(model), rows=rows,
-                        train_len=train_len(model), extra={"task": task, "seed": seed})
+                        train_len=train_len(model),
+                        extra={"task": task, "seed": seed, "held_out_fraction": HELD_OUT_FRACTION,
+                               "training_data": data, "training_prompts": None if seen is None else len(seen)})
     if train_seed is not None:
         result.extra["train_seed"] = train_seed
     path = Path(out) if out else default_out(model_path, f"tasks-{task}.json")
@@ -155,5 +230,10 @@ def main(args: argparse.Namespace) -> int:
                        out=args.out)
     print(f"task {args.task}: {result.model} ({result.scheme})")
     print(format_table(result.rows))
+    if result.extra["training_data"] is None:
+        print("no run config: the held-out prompts were not checked against training data (seen: -)")
+    else:
+        print(f"seen = test prompts found among the {result.extra['training_prompts']} distinct prompts of "
+              f"{result.extra['training_data']}; held-out splits (all but train) must have 0")
     print(f"wrote {path}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -191,7 +192,8 @@ def test_generation_is_deterministic_per_seed(task):
 @pytest.mark.parametrize("task", syn.TASKS)
 def test_eval_settings_separate_in_from_out(task):
     grid = syn.eval_settings(task)
-    assert grid[0][0] == "in" and all(split == "out" for split, _, _ in grid[1:])
+    assert [split for split, _, _ in grid[:2]] == ["train", "in"] and all(split == "out" for split, _, _ in grid[2:])
+    assert grid[0][1:] == grid[1][1:]  # the recall control draws the training distribution too
     train_max = syn.DEFAULTS[task]["max_len"]
     for split, _, params in grid:
         ex = syn.generate_examples(task, 20, seed=0, **params)
@@ -240,8 +242,66 @@ def test_malformed_prompts_raise(task, prompt):
 
 def test_eval_settings_follow_the_training_distribution():
     grid = syn.eval_settings("modular", {"p": 5, "min_len": 2, "max_len": 6})
-    assert [(split, label) for split, label, _ in grid] == [("in", "len 2-6"), ("out", "len 7-12"), ("out", "len 13-24")]
+    assert [(split, label) for split, label, _ in grid] == [("train", "len 2-6"), ("in", "len 2-6"), ("out", "len 7-12"),
+                                                           ("out", "len 13-24")]
+    assert [syn.side_of(split) for split, _, _ in grid] == ["train", "test", "test", "test"]
     for _, _, params in grid:
         assert all(int(e.answer) < 5 for e in syn.generate_examples("modular", 20, seed=0, **params))
     dyck = syn.eval_settings("dyck", {"max_len": 8, "max_depth": 2})
     assert dyck[-1][1] == "depth 3-4" and dyck[-1][2]["max_len"] == 8
+
+
+# -- Held-out instances --------------------------------------------------------------------------
+
+PRESETS = {  # the training distributions of configs/tasks/*.yaml
+    "dyck": {"min_len": 2, "max_len": 8, "max_depth": 3},
+    "modular": {"p": 5, "min_len": 1, "max_len": 3},
+    "rotation": {"alphabet_size": 26, "min_len": 3, "max_len": 6, "shift": 1},
+}
+
+
+def _prompts(docs) -> list[str]:
+    return [syn.prompt_of(line) for doc in docs for line in doc.splitlines()]
+
+
+@pytest.mark.parametrize("task", syn.TASKS)
+def test_training_documents_and_test_instances_are_disjoint(task):
+    train = set(_prompts(syn.generate_documents(task, 500, seed=0, **PRESETS[task])))
+    assert train and not any(syn.held_out(p) for p in train)
+    for split, _, params in syn.eval_settings(task, PRESETS[task]):
+        drawn = syn.generate_examples(task, 200, seed=1, side=syn.side_of(split), **params)
+        assert all(syn.held_out(e.prompt) == (split != "train") for e in drawn)
+        if split != "train":
+            assert not train & {e.prompt for e in drawn}
+    # The old draw (no side) of the training distribution: mostly prompts the documents hold.
+    old = syn.generate_examples(task, 200, seed=1, **PRESETS[task])
+    assert sum(e.prompt in train for e in old) > (100 if task != "rotation" else 0)
+
+
+def test_held_out_is_a_fixed_fifth_of_the_instances():
+    prompts = [f"mod 5 sum: {a} {b} {c} {d} =" for a in range(5) for b in range(5) for c in range(5) for d in range(5)]
+    share = sum(map(syn.held_out, prompts)) / len(prompts)
+    assert abs(share - syn.HELD_OUT_FRACTION) < 0.04  # 625 instances: 3 standard errors
+    assert [syn.held_out(p) for p in prompts] == [syn.held_out(p) for p in prompts]  # no seed, no state
+
+
+def test_preset_input_spaces_have_held_out_instances():
+    # Sum mod 5 of 1-3 digits: 155 instances, 24 held out; the former preset (1-2 digits) had 30
+    # instances, every one in the training data.
+    space = [f"mod 5 sum: {' '.join(v)} =" for n in (1, 2, 3) for v in itertools.product("01234", repeat=n)]
+    assert len(space) == 155 and sum(map(syn.held_out, space)) >= 20
+    drawn = syn.generate_examples("modular", 300, seed=1, side="test", **PRESETS["modular"])
+    assert len({e.prompt for e in drawn}) >= 20
+
+
+def test_a_space_without_held_out_instances_is_an_error():
+    assert not any(syn.held_out(f"mod 5 sum: {v} =") for v in range(5))  # the 5 one-digit instances
+    with pytest.raises(ValueError, match="too small to hold out"):
+        syn.generate_examples("modular", 1, seed=0, side="test", p=5, min_len=1, max_len=1)
+    with pytest.raises(ValueError, match="side"):
+        syn.generate_examples("modular", 1, seed=0, side="val")
+
+
+def test_prompt_of_reads_an_instance_line():
+    ex = syn.generate_examples("rotation", 1, seed=0)[0]
+    assert syn.prompt_of(ex.text.rstrip("\n")) == ex.prompt and syn.prompt_of("no instance") is None
