@@ -130,8 +130,10 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
     for scheme, train_seed, name in seed_runs(task, schemes, seeds, overrides):
         run_dir = train_scheme(task, scheme, out, steps, overrides, train_seed, name)
         res_path = out / "results" / f"{name}.json"
-        # A result older than the run's summary was made from an earlier, shorter run.
-        stale = res_path.is_file() and res_path.stat().st_mtime < (run_dir / "summary.json").stat().st_mtime
+        # A result older than the run's summary was made from an earlier, shorter run; one without
+        # the held-out count predates held-out test instances.
+        stale = res_path.is_file() and (res_path.stat().st_mtime < (run_dir / "summary.json").stat().st_mtime
+                                        or "held_out_fraction" not in load(res_path).extra)
         if res_path.is_file() and not stale:
             results.append(load(res_path))
         else:

@@ -180,7 +180,8 @@ def evaluate_task(model: GPT, tok: TextTokenizer, task: str, n: int, seed: int,
         overlap = None if seen is None else sum(ex.prompt in seen for ex in examples)
         if overlap and side_of(split) == "test":
             raise BifocalError(f"{overlap} of {n} held-out prompts of {task} {split}: {setting} occur in the "
-                               f"training data; it was prepared without the held-out rule, re-prepare and retrain")
+                               f"training data: it was prepared before test instances were held out; prepare "
+                               f"it again into a new directory and retrain")
         row = evaluate_setting(model, tok, task, examples, desc=f"{task} {split}: {setting}")
         rows.append({"split": split, "setting": setting, **row, "train_overlap": overlap})
     beyond = rows[-1]
