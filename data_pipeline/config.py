@@ -136,6 +136,7 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # train (type, vocab_size) or load (path)
     val_fraction: float = 0.05  # share of documents held out for validation (by document hash)
     prepared_dir: str = "runs/data/demo"  # where the packed token shards are written (relative to the cwd)
+    dedup: bool = True  # drop exact and near-duplicate documents (MinHash, Jaccard >= 0.8) before the split
 
     __nested__ = {"sources": [SourceConfig], "tokenizer": TokenizerConfig}
 
@@ -155,6 +156,7 @@ class DataConfig:
                self.val_fraction, "must be in [0, 1)")
         check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
                "must be a non-empty path")
+        check(isinstance(self.dedup, bool), "dedup", self.dedup, "must be true or false")
 
 
 def load_data_config(yaml_path: str | Path) -> DataConfig:

@@ -1,5 +1,9 @@
 """`prepare`: raw corpora -> tokenizer + packed token shards + meta.json, atomically and idempotently.
 
+Deduplication (`data.dedup`, on by default) comes first: a document whose content repeats an
+earlier one's, exactly or nearly (`dedup.py`), is dropped before it is split, so no content is in
+both splits or twice in one; meta.json counts the drops per source.
+
 Split rule (by document, never inside one): a document goes to `val` when
 sha1(source name + NUL + document key) read as a fraction in [0, 1) is below `val_fraction`; its key
 is its `source` field (repeats get "#k"), else the sha1 of its text. So identical inputs always
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from bifocal.core.errors import BifocalError
 
 from .config import DataConfig, SourceConfig
+from .dedup import Deduplicator
 from .prefetch import prefetch
 from .shards import FORMAT_VERSION, DataWarning, ShardWriter, dtype_for
 from .sources import Document, origin, read_source, source_files
@@ -63,6 +68,7 @@ def settings_fingerprint(cfg: DataConfig) -> str:
     return _digest({
         "format_version": FORMAT_VERSION,
         "val_fraction": cfg.val_fraction,
+        "dedup": cfg.dedup,
         "tokenizer": {k: v for k, v in dataclasses.asdict(cfg.tokenizer).items() if k != "path"},
         "tokenizer_given": cfg.tokenizer.path is not None,
         "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "path"} for s in cfg.sources],
@@ -156,9 +162,10 @@ def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(total=None, unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True, file=sys.stderr)
     sources = []
+    dedup = Deduplicator() if cfg.dedup else None  # across sources: a later source's copies go too
     try:
         for src in cfg.sources:
-            sources.append(_tokenize_source(src, cfg.val_fraction, tok, tmp, dtype, run_id, bar))
+            sources.append(_tokenize_source(src, cfg.val_fraction, tok, tmp, dtype, run_id, bar, dedup))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -177,7 +184,10 @@ def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
         "split_rule": "val iff sha1(source NUL key) < val_fraction; sources with >= 2 docs get >= 1 val doc",
         "sources": sources,
         "splits": splits,
-        "invalid_utf8_documents": sum(s["invalid_utf8_documents"] for s in sources),
+        "repaired_documents": sum(s["repaired_documents"] for s in sources),
+        "duplicates": {kind: sum(s["duplicates"][kind] for s in sources) for kind in ("exact", "near")},
+        "dedup_rule": ("drop a document whose whitespace-normalised text equals an earlier one's (exact) or whose "
+                       "token 5-gram MinHash estimates Jaccard >= 0.8 with an earlier one's (near)") if cfg.dedup else None,
         "text_bytes": text_bytes,
         "seconds": round(seconds, 3),
         "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
@@ -236,18 +246,23 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
 
 
 def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer, tmp: Path, dtype: str,
-                     run_id: bytes, bar: tqdm) -> dict:
+                     run_id: bytes, bar: tqdm, dedup: Deduplicator | None) -> dict:
     writers = {sp: ShardWriter(tmp, src.name, sp, dtype, run_id) for sp in SPLITS}
     eod = np.array([tok.eod_id], dtype=np.int64)
     bos = np.array([] if tok.bos_id is None else [tok.bos_id], dtype=np.int64)
-    invalid = text_bytes = 0
+    repaired = text_bytes = 0
+    duplicates = {"exact": 0, "near": 0}
     held: tuple[float, np.ndarray] | None = None  # lowest-score train doc, kept back while val is empty
     for batch in prefetch(_batches(read_source(src))):
         encoded = tok.encode_batch([d.text for d in batch])
+        verdicts = dedup.check([d.text for d in batch], encoded) if dedup else [None] * len(batch)
         nbytes = 0
-        for doc, ids in zip(batch, encoded):
+        for doc, ids, duplicate in zip(batch, encoded, verdicts):
             nbytes += doc.nbytes
-            invalid += doc.invalid_utf8
+            repaired += doc.repaired
+            if duplicate:
+                duplicates[duplicate] += 1
+                continue
             arr = np.concatenate([bos, np.asarray(ids, dtype=np.int64), eod])
             score = val_score(src.name, doc.key)
             if score < val_fraction:
@@ -271,16 +286,18 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
     shards = {sp: w.close() for sp, w in writers.items()}
     n_docs = sum(s["documents"] for s in shards.values())
     if n_docs == 0:
-        raise BifocalError(f"source {src.name!r}: no documents with text in {_where(src)}")
-    if invalid:
-        warnings.warn(f"source {src.name!r}: {invalid} document(s) had invalid UTF-8, replaced with U+FFFD",
-                      DataWarning, stacklevel=3)
+        copies = f" that are not copies of earlier ones ({sum(duplicates.values())} were)" if any(duplicates.values()) else ""
+        raise BifocalError(f"source {src.name!r}: no documents with text{copies} in {_where(src)}")
+    if repaired:
+        warnings.warn(f"source {src.name!r}: {repaired} document(s) were not valid Unicode: kept, each invalid "
+                      "sequence or lone surrogate replaced by one U+FFFD", DataWarning, stacklevel=3)
     return {
         "name": src.name,
         "weight": src.weight,
         "origin": origin(src),
         "splits": shards,
-        "invalid_utf8_documents": invalid,
+        "repaired_documents": repaired,
+        "duplicates": duplicates,
         "text_bytes": text_bytes,
     }
 

@@ -1,27 +1,31 @@
-"""Read the documents of one configured source, all through the `datasets` library (streaming).
+"""Read the documents of one configured source: local files line by line (JSON lines) or row by
+row (parquet) with the row named in every error, Hugging Face datasets through `datasets` (streaming).
 
 Streaming keeps memory flat and writes nothing to the Hugging Face cache. Every document gets a
 stable `key` (its `source` field, else a hash of its text) that decides its train/val split.
+
+Invalid Unicode is repaired, never dropped, with one rule for every format: each maximal invalid
+UTF-8 byte sequence (Unicode's recommended practice, Python's errors="replace") and each lone
+surrogate (a JSON "\\ud800" escape) becomes one U+FFFD; the document is kept and counted
+(`Document.repaired`). A record that cannot be read as a document at all (malformed JSON, no text
+field, a non-string text) is an error naming the file and its line (JSON lines) or row (parquet).
 """
 
 from __future__ import annotations
 
-import codecs
 import glob as globlib
+import gzip
 import hashlib
+import io
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config import SourceConfig
 from bifocal.core.errors import BifocalError
-
-# Invalid UTF-8 bytes decode to this noncharacter (reserved by Unicode for internal use) so we can
-# count the affected documents, then become U+FFFD like errors="replace" would give.
-_MARK = "\ufdd0"
-_ERRORS = "bifocal_mark_invalid_utf8"
-codecs.register_error(_ERRORS, lambda exc: (_MARK, exc.end))
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".jsonl.zst",
                   ".jsonl.zstd", ".json.zst", ".ndjson.zst")
@@ -34,21 +38,29 @@ _BATCH = 256  # rows per streamed batch: amortises Python overhead, keeps memory
 class Document:
     text: str
     key: str  # stable identity for the train/val hash
-    invalid_utf8: bool = False
+    repaired: bool = False  # the text was not valid Unicode: repaired with U+FFFD
     nbytes: int = 0  # UTF-8 size, for throughput
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _clean(text: str) -> tuple[str, bool, int]:
-    """(text, had invalid UTF-8, UTF-8 byte size): marked bytes and lone surrogates become U+FFFD."""
-    invalid = _MARK in text
-    if invalid:
-        text = text.replace(_MARK, "\ufffd")
+    """(text, repaired, UTF-8 byte size): each lone surrogate becomes one U+FFFD (a str from JSON or
+    `datasets` can hold them; Rust tokenizers and UTF-8 cannot)."""
     try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates (e.g. a "\ud800" JSON escape): Rust tokenizers reject them
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        data, invalid = text.encode("utf-8"), True
-    return text, invalid, len(data)
+        return text, False, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        text = _SURROGATE.sub("\ufffd", text)
+        return text, True, len(text.encode("utf-8"))
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """UTF-8 bytes as text; invalid sequences become U+FFFD (one per maximal invalid subpart)."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), True
 
 
 def file_kind(path: str | os.PathLike) -> str | None:
@@ -131,8 +143,8 @@ def _synthetic(src: SourceConfig) -> Iterator[Document]:
     gen = generate_documents(src.synthetic["task"], int(src.synthetic["n_documents"]),
                              int(src.synthetic.get("seed", 0)), **params)
     for i, text in enumerate(gen):
-        text, invalid, nbytes = _clean(text)
-        yield Document(text=text, key=f"#{i}", invalid_utf8=invalid, nbytes=nbytes)
+        text, repaired, nbytes = _clean(text)
+        yield Document(text=text, key=f"#{i}", repaired=repaired, nbytes=nbytes)
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -161,89 +173,155 @@ def _hub(src: SourceConfig) -> Iterator[Document]:
 
 
 def _local(src: SourceConfig) -> Iterator[Document]:
-    from datasets import load_dataset
-
-    files = source_files(src)
-    if src.glob is not None:
-        # One document per file (source trees): the text builder in document mode, all files at once.
-        groups = [("text", files)]
-    else:
-        groups = [(file_kind(f), [f]) for f in files]
-    for kind, group in groups:
-        where = f"source {src.name!r}: {group[0] if len(group) == 1 else src.path}"
-        kwargs: dict[str, Any] = {}
-        if kind == "json":
-            # A non-"utf-8" spelling routes datasets through Python decoding with our error handler.
-            kwargs = {"encoding": "utf_8", "encoding_errors": _ERRORS}
-        elif kind == "text":
-            kwargs = {"sample_by": "document", "encoding_errors": _ERRORS}
-        if kind == "json":
-            _check_first_record(group[0], where)
-        try:
-            ds = load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=True, **kwargs)
-        except StopIteration:  # datasets infers the schema from the first rows: none there
-            if len(groups) == 1:
-                raise BifocalError(f"source {src.name!r}: no documents with text in {group[0]}") from None
-            continue
-        except Exception as exc:
-            raise BifocalError(f"{where}: cannot open ({_first_line(exc)})") from None
-        field = "text" if kind == "text" else src.text_field
-        yield from _rows(ds, src, where, field)
-
-
-def _check_first_record(path: Path, where: str) -> None:
-    """pyarrow's JSON reader (under `datasets`) crashes the process with a segmentation fault on a
-    file whose first record is a bare `null`; refuse such a file before it is handed over."""
-    try:
-        if path.name.lower().endswith(".gz"):
-            import gzip
-
-            with gzip.open(path, "rb") as f:
-                head = f.read(4096)
-        elif path.name.lower().endswith((".zst", ".zstd")):
-            import zstandard
-
-            with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-                head = f.read(4096)
+    for path in source_files(src):
+        where, keys = f"source {src.name!r}: {path}", _Keys()
+        kind = "text" if src.glob is not None else file_kind(path)
+        if kind == "text":  # one document per file, newlines as Python's text mode reads them
+            try:
+                text, repaired = _decode(path.read_bytes())
+            except OSError as exc:
+                raise BifocalError(f"{where}: cannot read ({_first_line(exc)})") from None
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            yield _document(text, repaired, None, keys)
+        elif kind == "json":
+            yield from _json_rows(path, src.text_field, where, keys)
         else:
-            with open(path, "rb") as f:
-                head = f.read(4096)
-    except Exception:  # damaged compression: left to the reader, which reports it as one line
-        return
-    if head.lstrip().startswith(b"null"):
-        raise BifocalError(f"{where}: the first record is `null`, not a JSON object with a text field")
+            yield from _parquet_rows(path, src.text_field, where, keys)
 
 
-def _rows(ds: Any, src: SourceConfig, where: str, field: str | None = None) -> Iterator[Document]:
-    field = field or src.text_field
-    seen: dict[str, int] = {}
+class _Keys:
+    """Split keys: a row's `source` field (repeats get "#k", so each stays its own document),
+    else the sha1 of its text."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, source: Any, text: str) -> str:
+        if isinstance(source, str) and source:
+            k = self.seen.get(source, 0)
+            self.seen[source] = k + 1
+            return source if k == 0 else f"{source}#{k}"
+        return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _document(text: str, repaired: bool, source: Any, keys: _Keys) -> Document:
+    text, surrogates, nbytes = _clean(text)
+    return Document(text=text, key=keys(source, text), repaired=repaired or surrogates, nbytes=nbytes)
+
+
+def _text_value(row: Any, field: str, where: str) -> str:
+    """The text of one record, or the error naming it (`where` ends in its line or row)."""
+    if not isinstance(row, dict):
+        raise BifocalError(f"{where} is {type(row).__name__ if row is not None else 'null'}, "
+                           f"not an object with a {field!r} field")
+    if field not in row:
+        raise BifocalError(f"{where} has no field {field!r} (fields: {', '.join(map(str, row)) or 'none'}); "
+                           "set text_field in the source config")
+    text = row[field]
+    if not isinstance(text, str):
+        what = "no" if text is None else f"a non-string ({type(text).__name__})"
+        raise BifocalError(f"{where} has {what} value for field {field!r}")
+    return text
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _json_rows(path: Path, field: str, where: str, keys: _Keys) -> Iterator[Document]:
+    """JSON lines, one object per line (a file holding one JSON array is read whole)."""
+    line = 0
+    try:
+        with _open_binary(path) as f:
+            head = f.peek(64)[:64].lstrip() if hasattr(f, "peek") else b""
+            lines: Iterable[bytes] = f
+            if head.startswith(b"["):  # a JSON array of objects: one "line" per element
+                text, repaired = _decode(f.read())
+                items = _loads(text, f"{where}: line 1")
+                if not isinstance(items, list):
+                    raise BifocalError(f"{where}: expected JSON lines or an array of objects")
+                for i, row in enumerate(items):
+                    yield _document(_text_value(row, field, f"{where}: element {i}"), repaired,
+                                    row.get("source"), keys)
+                return
+            for line, raw in enumerate(lines, start=1):
+                if not raw.strip():
+                    continue
+                text, repaired = _decode(raw)
+                row = _loads(text, f"{where}: line {line}")
+                yield _document(_text_value(row, field, f"{where}: line {line}"), repaired,
+                                row.get("source") if field != "source" else None, keys)
+    except BifocalError:
+        raise
+    except Exception as exc:  # damaged compression, unreadable file
+        raise BifocalError(f"{where}: cannot read line {line + 1} ({_first_line(exc)})") from None
+
+
+def _loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise BifocalError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _parquet_rows(path: Path, field: str, where: str, keys: _Keys) -> Iterator[Document]:
+    """Parquet strings as bytes, so an invalid UTF-8 value is repaired like any other text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise BifocalError(f"{where}: no field {field!r} (fields: {', '.join(names) or 'none'}); "
+                               "set text_field in the source config")
+        columns = [field] + (["source"] if "source" in names and field != "source" else [])
+        kind = pf.schema_arrow.field(field).type
+        is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        for batch in pf.iter_batches(batch_size=_BATCH, columns=columns):
+            col = batch.column(0)
+            values = (col.cast(pa.large_binary()) if is_text else col).to_pylist()  # bytes: no UTF-8 check
+            sources = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(values)
+            for j, (value, source) in enumerate(zip(values, sources)):
+                if is_text and value is not None:
+                    text, repaired = _decode(value)
+                else:
+                    text, repaired = _text_value({field: value}, field, f"{where}: row {row + j}"), False
+                yield _document(text, repaired, source, keys)
+            row += len(values)
+    except BifocalError:
+        raise
+    except Exception as exc:  # not parquet, damaged pages, ...
+        raise BifocalError(f"{where}: cannot read row {row} ({_first_line(exc)})") from None
+
+
+def _rows(ds: Any, src: SourceConfig, where: str) -> Iterator[Document]:
+    """A `datasets` dataset's rows (hub, saved or builder datasets), read in batches."""
+    field, keys = src.text_field, _Keys()
     i = 0
     try:
         for batch in ds.iter(batch_size=_BATCH):
             texts = batch.get(field)
             if texts is None:
-                raise BifocalError(f"{where}: document {i} has no field {field!r} "
+                raise BifocalError(f"{where}: row {i} has no field {field!r} "
                                    f"(fields: {', '.join(batch) or 'none'}); set text_field in the source config")
             sources = batch.get("source") if field != "source" else None
             for j, text in enumerate(texts):
-                if not isinstance(text, str):
-                    what = "no" if text is None else f"a non-string ({type(text).__name__})"
-                    raise BifocalError(f"{where}: document {i + j} has {what} value for field {field!r}")
-                text, invalid, nbytes = _clean(text)
-                sname = sources[j] if sources is not None else None
-                if isinstance(sname, str) and sname:
-                    # Duplicate `source` values get an occurrence suffix so each stays its own document.
-                    k = seen.get(sname, 0)
-                    seen[sname] = k + 1
-                    key = sname if k == 0 else f"{sname}#{k}"
-                else:
-                    key = "sha1:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
-                yield Document(text=text, key=key, invalid_utf8=invalid, nbytes=nbytes)
+                text = _text_value({field: text}, field, f"{where}: row {i + j}")
+                yield _document(text, False, sources[j] if sources is not None else None, keys)
             i += len(texts)
     except BifocalError:
         raise
-    except Exception as exc:  # corrupt gzip, malformed JSON, unreadable parquet, ...
-        raise BifocalError(f"{where}: cannot read document {i} ({_first_line(exc)})") from None
+    except Exception as exc:  # datasets reads ahead a batch at a time: name the batch
+        raise BifocalError(f"{where}: cannot read rows {i}-{i + _BATCH - 1} ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,7 +23,8 @@ def write_config(root: Path, corpus: str) -> Path:
         "  sources:\n"
         f"    - {{name: prose, path: ../{corpus}}}\n"  # relative to the YAML's folder
         "  tokenizer: {vocab_size: 300, train_chars: 50000}\n"
-        "  val_fraction: 0.3\n")
+        "  val_fraction: 0.3\n"
+        "  dedup: false\n")  # the documents differ only in their first word: near duplicates
     return path
 
 

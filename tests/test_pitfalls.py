@@ -33,6 +33,14 @@ def austen_paragraphs(n: int) -> list[str]:
     return paras[:n]
 
 
+def decoded(data: PreparedData, source: str, split: str) -> list[str]:
+    """The texts of a source's documents in a split (BOS and end-of-document dropped)."""
+    tok = data.tokenizer()
+    toks, offs = np.asarray(data.tokens(source, split)), data.offsets(source, split)
+    first = 0 if tok.bos_id is None else 1
+    return [tok.decode(toks[a + first:b - 1]) for a, b in zip(offs[:-1], offs[1:])]
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Document text is data: control tokens' spellings in text never become control ids
 
@@ -179,3 +187,147 @@ def test_logged_lr_and_grad_norm_are_those_the_optimizer_used_at_that_step(tiny_
     events = acc.Scalars("train/lr_group2")
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
     assert [e.value for e in events] == pytest.approx([u["lr"][2] for u in used], rel=1e-6)  # float32
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. One bad record never loses a file: invalid Unicode is repaired once, counted, and kept
+
+def test_lone_surrogate_in_jsonl_is_repaired_once_and_the_file_kept(tmp_path):
+    """The issue's file: 3 lines, the middle one a valid JSON escape of a lone surrogate."""
+    import warnings
+
+    from bifocal.data_pipeline.loader import iter_documents
+
+    good = austen_paragraphs(2)
+    path = tmp_path / "s.jsonl"
+    path.write_bytes((json.dumps({"text": good[0]}) + '\n{"text": "bad \\ud800 escape, then good text"}\n'
+                      + json.dumps({"text": good[1]}) + "\n").encode())
+    cfg = DataConfig(sources=[SourceConfig(name="s", path=str(path))], tokenizer=TokenizerConfig(vocab_size=300),
+                     val_fraction=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = PreparedData(prepare(cfg, tmp_path / "out"))
+    assert any("1 document(s) were not valid Unicode" in str(w.message) for w in caught)
+    tok = data.tokenizer()
+    texts = sorted(tok.decode(d) for d in iter_documents(data, "train"))
+    assert texts == sorted([good[0], "bad \ufffd escape, then good text", good[1]])
+    assert data.meta["sources"][0]["repaired_documents"] == 1 and data.meta["repaired_documents"] == 1
+
+
+def _bad_bytes_inputs(root: Path, good: list[str]) -> dict[str, tuple[dict, str]]:
+    """One input per local format, each with good documents around one whose bytes are not UTF-8:
+    \\xff\\xfe (two invalid bytes: two U+FFFD) and \\xe2\\x82 (a cut 3-byte sequence: one U+FFFD)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    bad = b"caf\xc3\xa9 \xff\xfe and \xe2\x82 end"
+    fixed = "café \ufffd\ufffd and \ufffd end"
+    lines = [json.dumps({"text": good[0]}).encode(), b'{"text": "' + bad + b'"}', json.dumps({"text": good[1]}).encode()]
+    blob = b"\n".join(lines) + b"\n"
+    (root / "a.jsonl.gz").write_bytes(gzip.compress(blob))
+    (root / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(blob))
+    (root / "a.txt").write_bytes(good[0].encode() + b"\n" + bad)
+    tree = root / "tree"
+    tree.mkdir()
+    (tree / "good.py").write_text(good[1])
+    (tree / "bad.py").write_bytes(b"# " + bad + b"\n")
+    values = pa.array([good[0].encode(), bad, good[1].encode()], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": values}), root / "a.parquet")
+    return {
+        "jsonl_gz": ({"path": str(root / "a.jsonl.gz")}, [good[0], fixed, good[1]]),
+        "jsonl_zst": ({"path": str(root / "a.jsonl.zst")}, [good[0], fixed, good[1]]),
+        "txt": ({"path": str(root / "a.txt")}, [good[0] + "\n" + fixed]),
+        "glob": ({"path": str(tree), "glob": "*.py"}, ["# " + fixed + "\n", good[1]]),
+        "parquet": ({"path": str(root / "a.parquet")}, [good[0], fixed, good[1]]),
+    }
+
+
+def test_invalid_utf8_is_repaired_once_in_every_local_format(tmp_path):
+    """Every format keeps the good documents of the file, repairs the bad one with one U+FFFD per
+    maximal invalid sequence, and meta.json counts the repaired documents per source."""
+    import warnings
+
+    inputs = _bad_bytes_inputs(tmp_path, austen_paragraphs(2))
+    # the sources share their documents: no deduplication, so each keeps its own
+    cfg = DataConfig(sources=[SourceConfig(name=name, **where) for name, (where, _) in inputs.items()],
+                     tokenizer=TokenizerConfig(vocab_size=300), val_fraction=0.0, dedup=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = PreparedData(prepare(cfg, tmp_path / "out"))
+    by_source = {s["name"]: s for s in data.meta["sources"]}
+    for name, (_, expected) in inputs.items():
+        assert sorted(decoded(data, name, "train")) == sorted(expected), name
+        assert by_source[name]["repaired_documents"] == 1, name
+    assert data.meta["repaired_documents"] == len(inputs)
+
+
+def test_errors_name_the_file_and_the_row(tmp_path):
+    """A bad record past the first read-ahead batch (256 rows) is named by its own line / row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bifocal.core.errors import BifocalError
+    from bifocal.data_pipeline.sources import read_source
+
+    rows = [json.dumps({"text": f"document {i}"}) for i in range(400)]
+    rows[299] = '{"text": "unterminated'
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(BifocalError, match=r"m\.jsonl: line 300: not valid JSON"):
+        list(read_source(SourceConfig(name="m", path=str(tmp_path / "m.jsonl"))))
+    values = [f"document {i}" for i in range(400)]
+    pq.write_table(pa.table({"text": pa.array(values[:299] + [None] + values[300:])}), tmp_path / "n.parquet")
+    with pytest.raises(BifocalError, match=r"n\.parquet: row 299 has no value for field 'text'"):
+        list(read_source(SourceConfig(name="n", path=str(tmp_path / "n.parquet"))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 27: content deduplication before the split, on the bundled corpus's real files
+
+SYSCONFIG = "# system configuration generated and used by the sysconfig module"
+SRE_SHIM = 'import warnings\nwarnings.warn(f"module {__name__!r} is deprecated"'
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_bundled_python_corpus_is_deduplicated_before_the_split(tmp_path, dedup):
+    """CPython's _sysconfigdata under two names (one generated file: exact) and the three sre_*
+    shims that differ in one word (near) are each kept once; the validation split holds no two
+    copies of anything. `data.dedup: false` keeps every copy."""
+    cfg = DataConfig(sources=[SourceConfig(name="pystdlib", path=str(DATA / "code_small_pystdlib.jsonl.gz"))],
+                     tokenizer=TokenizerConfig(vocab_size=512, train_chars=1_000_000), val_fraction=0.05,
+                     dedup=dedup)
+    data = PreparedData(prepare(cfg, tmp_path / "out"))
+    train, val = decoded(data, "pystdlib", "train"), decoded(data, "pystdlib", "val")
+    texts = train + val
+    copies = {"exact": 1, "near": 2} if dedup else {"exact": 0, "near": 0}
+    assert data.meta["sources"][0]["duplicates"] == copies and data.meta["duplicates"] == copies
+    assert len(texts) == 171 - sum(copies.values())
+    assert sum(t.startswith(SYSCONFIG) for t in texts) == (1 if dedup else 2)
+    assert sum(t.startswith(SRE_SHIM) for t in texts) == (1 if dedup else 3)
+    if dedup:
+        normalised = [" ".join(t.split()) for t in texts]
+        assert len(set(normalised)) == len(normalised) and len(set(val)) == len(val) >= 2
+
+
+def test_near_duplicate_of_a_real_file_is_dropped_and_distinct_files_kept(tmp_path):
+    """A real module with a few edited lines is a near duplicate; the real modules that share its
+    licence header and idioms are not. Each source counts its own drops, across sources too."""
+    with gzip.open(DATA / "code_small_pystdlib.jsonl.gz", "rt", encoding="utf-8") as f:
+        docs = [d for d in map(json.loads, f) if not d["text"].startswith((SYSCONFIG, SRE_SHIM))][:30]
+    original = max(docs, key=lambda d: len(d["text"]) if len(d["text"]) < 60_000 else 0)["text"]
+    lines = original.splitlines(keepends=True)
+    for i in range(0, len(lines), 40):  # edit one line in 40 (about 2.5% of the lines)
+        lines[i] = "# edited\n"
+    edited = "".join(lines)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    write_jsonl(tmp_path / "b.jsonl", [{"source": "edited.py", "text": edited},
+                                      {"source": "new.py", "text": "def fresh():\n    return 42\n" * 20}])
+    cfg = DataConfig(sources=[SourceConfig(name="a", path=str(tmp_path / "a.jsonl")),
+                              SourceConfig(name="b", path=str(tmp_path / "b.jsonl"))],
+                     tokenizer=TokenizerConfig(vocab_size=512, train_chars=500_000), val_fraction=0.1)
+    data = PreparedData(prepare(cfg, tmp_path / "out"))
+    by_name = {s["name"]: s for s in data.meta["sources"]}
+    assert by_name["a"]["duplicates"] == {"exact": 0, "near": 0}
+    assert by_name["b"]["duplicates"] == {"exact": 0, "near": 1}
+    texts = decoded(data, "b", "train") + decoded(data, "b", "val")
+    assert texts == ["def fresh():\n    return 42\n" * 20]
