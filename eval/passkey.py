@@ -117,9 +117,11 @@ def format_table(rows: list[dict[str, Any]], train: int | None) -> str:
 
 def run(model_path: str | Path, lengths: list[int] | None = None, trials: int = 10, seed: int = 0,
         rope_scaling: str | None = None, factor: float | None = None, device: str | None = None,
-        out: str | Path | None = None, data: str | None = None):
+        out: str | Path | None = None, data: str | None = None, model_label: str | None = None):
     """Evaluate at `lengths` (default: DEFAULT_MULTIPLES of the training length) with filler from
-    `data` (default: the run's validation split); write and return the result."""
+    `data` (default: the run's validation split); write and return the result. `model_label` names
+    the report row (default: the run directory's name): runs of one scheme with different seeds that
+    share it are averaged over their training seeds, which a run's config.yaml supplies."""
     from .loading import load_model
     from .results import EvalResult
 
@@ -132,10 +134,15 @@ def run(model_path: str | Path, lengths: list[int] | None = None, trials: int = 
     used = apply_scaling(model, rope_scaling, factor, lengths)
     results = run_trials(model, tok, lengths, trials, seed, haystack)
     variant = rope_scaling or "none"
-    result = EvalResult(kind="passkey", model=model_name(model_path), scheme=model_scheme(model),
+    result = EvalResult(kind="passkey", model=model_label or model_name(model_path), scheme=model_scheme(model),
                         rows=rows_of(results, train), variant=variant, factor=used, train_len=train,
                         extra={"seed": seed, "chance": CHANCE, "key_digits": KEY_DIGITS, "needle": NEEDLE,
                                "question": QUESTION, "filler": where})
+    config = Path(model_path) / "config.yaml"
+    if config.is_file():
+        from bifocal.run.config import load_config
+
+        result.extra["train_seed"] = load_config(config).train.seed
     name = "passkey.json" if rope_scaling is None else f"passkey-{rope_scaling}.json"
     path = Path(out) if out else default_out(model_path, name)
     result.save(path)
@@ -145,7 +152,7 @@ def run(model_path: str | Path, lengths: list[int] | None = None, trials: int = 
 def main(args: argparse.Namespace) -> int:
     lengths = None if args.lengths is None else parse_lengths(args.lengths)
     result, path = run(args.model, lengths, trials=args.trials, seed=args.seed, rope_scaling=args.rope_scaling,
-                       factor=args.factor, device=args.device, out=args.out, data=args.data)
+                       factor=args.factor, device=args.device, out=args.out, data=args.data, model_label=args.label)
     scaling = "" if result.variant == "none" else f", {result.variant} x{result.factor:g}"
     print(f"passkey: {result.model} ({result.scheme}{scaling}), filler from {result.extra['filler']}")
     print(format_table(result.rows, result.train_len))

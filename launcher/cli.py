@@ -127,6 +127,8 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--data", default=None, help="filler text: a prepared dir (validation split) or raw files "
                     "(default: the run's own validation split)")
     pk.add_argument("--trials", type=int, default=10)
+    pk.add_argument("--label", default=None, help="report row name (default: the run's name); runs of one scheme "
+                    "sharing it are averaged over their training seeds")
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])
     pk.add_argument("--factor", type=float, default=None)

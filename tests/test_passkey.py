@@ -31,9 +31,12 @@ def run_dir(tiny_config, tmp_path_factory):
 
 
 def test_cli_default_lengths_control_and_chance_in_result_and_report(run_dir, tmp_path):
-    proc = run_cli(["eval", "passkey", str(run_dir), "--trials", "2"], cwd=tmp_path)
+    proc = run_cli(["eval", "passkey", str(run_dir), "--trials", "2", "--label", "bifocal-x"], cwd=tmp_path)
     result = results.load(run_dir / "eval" / "passkey.json")
     assert result.kind == "passkey" and result.scheme == "bifocal" and result.train_len == 32
+    # A seeded study's runs share a label and are averaged over the training seed their config gives.
+    assert result.model == "bifocal-x" and result.extra["train_seed"] == yaml.safe_load(
+        (run_dir / "config.yaml").read_text())["train"]["seed"]
     assert [r["length"] for r in result.rows] == [32, 64, 128, 256, 512]  # 1-16x the training length
     assert [r["in_distribution"] for r in result.rows] == [True, False, False, False, False]
     assert all(r["chance"] == CHANCE == result.extra["chance"] and r["trials"] == 2 for r in result.rows)
