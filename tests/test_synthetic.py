@@ -242,8 +242,8 @@ def test_malformed_prompts_raise(task, prompt):
 
 def test_eval_settings_follow_the_training_distribution():
     grid = syn.eval_settings("modular", {"p": 5, "min_len": 2, "max_len": 6})
-    assert [(split, label) for split, label, _ in grid] == [("train", "len 2-6"), ("in", "len 2-6"), ("out", "len 7-12"),
-                                                           ("out", "len 13-24")]
+    assert [(split, label) for split, label, _ in grid] == [
+        ("train", "len 2-6"), ("in", "len 2-6"), ("out", "len 7-12"), ("out", "len 13-24")]
     assert [syn.side_of(split) for split, _, _ in grid] == ["train", "test", "test", "test"]
     for _, _, params in grid:
         assert all(int(e.answer) < 5 for e in syn.generate_examples("modular", 20, seed=0, **params))
