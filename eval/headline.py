@@ -1,18 +1,23 @@
-"""The README's headline table, generated from a study's report.json (its `ppl_summary` rows):
-per model, mean ± std perplexity at every length and the rise from the training length to the
-longest length (mean over seeds of each seed's own ratio).
+"""The README's headline tables, generated from a study's report.json: per model, mean ± std
+perplexity at every length and the rise from the training length to the longest length (mean
+over seeds of each seed's own ratio), in one protocol; and, when the study declared an analysis,
+its endpoints with bootstrap intervals and its comparisons with Holm-adjusted p-values.
 
-    python -m bifocal.eval.headline docs/study-cpu/report.json [--labels rope,rope+yarn(x16),...]
+    python -m bifocal.eval.headline docs/study-cpu/report.json [--labels rope,rope+yarn(x16),...] [--protocol P]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-DEFAULT_LABELS = ("rope", "rope+yarn(x16)", "rope+ntk(x16)", "bifocal", "spectral", "pope")
+from .protocol import describe_protocol
+
+DEFAULT_LABELS = ("rope", "rope+yarn(x16)", "rope+yarn(matched)", "rope+ntk(x16)", "rope+ntk(matched)", "bifocal",
+                  "spectral", "pope")
 
 
 def _cell(mean: float | None, std: float | None, seeds: int, digits: int = 1) -> str:
@@ -21,9 +26,20 @@ def _cell(mean: float | None, std: float | None, seeds: int, digits: int = 1) ->
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
-def headline(summary: list[dict[str, Any]], labels: list[str] | tuple[str, ...] = DEFAULT_LABELS) -> str:
-    """Markdown table: one row per label present in `summary`, in the order of `labels`."""
-    rows = [r for r in summary if r["label"] in labels]
+def default_protocol(report: dict[str, Any]) -> str | None:
+    """The protocol of the first declared endpoint, else the first in the summary (None: files
+    written before protocols were recorded)."""
+    analysis = report.get("analysis") or {}
+    endpoints = (analysis.get("declared") or {}).get("endpoints") or []
+    if endpoints:
+        return endpoints[0]["protocol"]
+    return next((r.get("protocol") for r in report.get("ppl_summary", [])), None)
+
+
+def length_table(summary: list[dict[str, Any]], labels: list[str] | tuple[str, ...] = DEFAULT_LABELS,
+                 protocol: str | None = None) -> str:
+    """Markdown table: one row per label present in `summary` (rows of `protocol`), in the order of `labels`."""
+    rows = [r for r in summary if r["label"] in labels and r.get("protocol") == protocol]
     lengths = sorted({r["length"] for r in rows})
     if not lengths:
         return ""
@@ -43,18 +59,63 @@ def headline(summary: list[dict[str, Any]], labels: list[str] | tuple[str, ...] 
     return "\n".join(out) + "\n"
 
 
+def analysis_tables(analysis: dict[str, Any] | None, labels: list[str] | tuple[str, ...] = DEFAULT_LABELS) -> str:
+    """The declared endpoints per label (perplexity with its interval) and every comparison."""
+    if not analysis:
+        return ""
+    level = f"{100 * (1 - analysis['declared']['alpha']):g}%"
+    names = [e["name"] for e in analysis["declared"]["endpoints"]]
+    values = {(e["endpoint"], e["label"]): e for e in analysis["labels"]}
+    out = ["| model | seeds | " + " | ".join(f"{n} [{level} CI]" for n in names) + " |",
+           "|---|---:|" + "---:|" * len(names)]
+    for label in labels:
+        mine = [values.get((n, label)) for n in names]
+        if any(mine):
+            seeds = max(e["seeds"] for e in mine if e)
+            out.append(f"| {label} | {seeds} | " + " | ".join(
+                f"{e['ppl']:.1f} [{e['ppl_ci'][0]:.1f}, {e['ppl_ci'][1]:.1f}]" if e else "—" for e in mine) + " |")
+    if analysis["comparisons"]:
+        out += ["", "| endpoint | A vs B | test | ppl ratio A / B [CI] | p (Holm) | verdict |",
+                "|---|---|---|---:|---:|---|"]
+        for c in analysis["comparisons"]:
+            p = "—" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
+            out.append(f"| {c['endpoint']} | {c['a']} vs {c['b']} | {c['design']} | {c['ratio']:.3f} "
+                       f"[{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}] | {p} | {c['verdict']} |")
+    return "\n".join(out) + "\n"
+
+
+def headline(report: dict[str, Any], labels: list[str] | tuple[str, ...] = DEFAULT_LABELS,
+             protocol: str | None = None) -> str:
+    """The length table of `protocol` (default: default_protocol), then the analysis tables if any."""
+    protocol = protocol if protocol is not None else default_protocol(report)
+    table = length_table(report["ppl_summary"], labels, protocol)
+    if protocol is not None and table:  # reports written before protocols were recorded: the table alone
+        shown = [x for x in labels if f"| {x} |" in table]
+        notes = [f"Protocol `{protocol}`: {describe_protocol(protocol)}."]
+        if any("(matched)" in x for x in shown):
+            notes.append("`(matched)`: RoPE scaling factor s = L / L_train at each length L.")
+        if any(re.search(r"\(x[0-9.]+\)$", x) for x in shown):
+            notes.append("`(xS)`: one factor S at every length.")
+        table = " ".join(notes) + "\n\n" + table
+    tests = analysis_tables(report.get("analysis"), labels)
+    return table + ("\n" + tests if tests else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("report", help="report.json written by `bifocal study extrapolation` or `bifocal eval report`")
     p.add_argument("--labels", default=",".join(DEFAULT_LABELS), help="comma-separated row labels, in order")
+    p.add_argument("--protocol", default=None, help="the protocol of the length table (default: the first "
+                                                    "endpoint's, else the first in the report)")
     args = p.parse_args(argv)
     try:
-        summary = json.loads(Path(args.report).read_text())["ppl_summary"]
-    except (OSError, ValueError, KeyError) as exc:
+        report = json.loads(Path(args.report).read_text())
+        report["ppl_summary"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"bifocal: error: {args.report}: no ppl_summary in a readable report.json ({exc})")
         return 2
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    print(headline(summary, labels), end="")
+    print(headline(report, labels, args.protocol), end="")
     return 0
 
 

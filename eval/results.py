@@ -4,13 +4,21 @@ One JSON object per evaluation run::
 
     {"kind": "ppl" | "passkey" | "tasks", "model": "<run or export name>",
      "scheme": "rope|bifocal|spectral|pope|nope", "variant": "none|pi|ntk|dynamic_ntk|yarn",
-     "factor": 1.0, "train_len": 256, "rows": [...], "extra": {...}}
+     "factor": 1.0, "convention": "fixed|matched", "train_len": 256, "rows": [...], "extra": {...}}
+
+`convention` (absent in older files: "fixed") says how a RoPE scaling factor was chosen: one
+`factor` at every length (fixed), or matched to each length, s = max(1, L / train_len) (then
+`factor` is the largest used and each row holds its own).
 
 Row fields by kind (extra fields in a row are kept):
-    ppl:     {"length", "tokens", "loss", "ppl"}
+    ppl:     {"length", "tokens", "loss", "ppl"}; `bifocal eval ppl` adds the protocol (stride,
+             min_context, first_target, targets_per_doc), a digest of the scored targets, the
+             loss per document (doc_ids, doc_loss, doc_tokens) and by position (by_position)
     passkey: {"length", "trials", "accuracy"}
     tasks:   {"split": "train" | "in" | "out", "setting", "n", "loss", "exact_match"}
-For "tasks", put the task name in ``extra["task"]`` so the report keeps tasks apart.
+For "tasks", put the task name in ``extra["task"]`` so the report keeps tasks apart. For "ppl",
+``extra["protocol"]`` names the windowing protocol (perplexity.protocol_name); older files without
+it are "windows", or "stride=S" when their rows record a sliding stride.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from bifocal.core.errors import BifocalError
 KINDS = ("ppl", "passkey", "tasks")
 SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
 VARIANTS = ("none", "pi", "ntk", "dynamic_ntk", "yarn")
+CONVENTIONS = ("fixed", "matched")
 ROW_FIELDS: dict[str, tuple[str, ...]] = {
     "ppl": ("length", "tokens", "loss", "ppl"),
     "passkey": ("length", "trials", "accuracy"),
@@ -44,6 +53,15 @@ class EvalResult:
     factor: float = 1.0
     train_len: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    convention: str = "fixed"
+
+    @property
+    def protocol(self) -> str:
+        """The ppl windowing protocol (see the module docstring)."""
+        if "protocol" in self.extra:
+            return str(self.extra["protocol"])
+        strides = {r.get("stride") for r in self.rows if r.get("stride") not in (None, r.get("length"))}
+        return f"stride={min(strides)}" if strides else "windows"
 
     def validate(self, source: str = "result") -> "EvalResult":
         """Raise BifocalError naming ``source`` and the offending field; returns self."""
@@ -58,6 +76,8 @@ class EvalResult:
             raise bad(f"field 'scheme' must be one of {SCHEMES}, got {self.scheme!r}")
         if self.variant not in VARIANTS:
             raise bad(f"field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
+        if self.convention not in CONVENTIONS:
+            raise bad(f"field 'convention' must be one of {CONVENTIONS}, got {self.convention!r}")
         if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) \
                 or not self.factor > 0:
             raise bad(f"field 'factor' must be a positive number, got {self.factor!r}")
@@ -106,14 +126,15 @@ def from_dict(data: dict[str, Any], source: str = "result") -> EvalResult:
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise BifocalError(f"{source}: missing field(s) {', '.join(missing)}")
-    known = {"kind", "model", "scheme", "rows", "variant", "factor", "train_len", "extra"}
+    known = {"kind", "model", "scheme", "rows", "variant", "factor", "train_len", "extra", "convention"}
     extra = dict(data.get("extra") or {})
     extra.update({k: v for k, v in data.items() if k not in known})
     factor = data.get("factor")
     return EvalResult(kind=data["kind"], model=data["model"], scheme=data["scheme"],
                       rows=data["rows"], variant=data.get("variant") or "none",
                       factor=1.0 if factor is None else factor,
-                      train_len=data.get("train_len"), extra=extra).validate(source)
+                      train_len=data.get("train_len"), extra=extra,
+                      convention=data.get("convention") or "fixed").validate(source)
 
 
 def load(path: str | os.PathLike) -> EvalResult:

@@ -1,7 +1,7 @@
-"""Across-seed statistics for the report: one label (model + scaling variant) trained with several
-seeds gives, per context length, a mean and a sample standard deviation, the extrapolation ratio
-(perplexity over the same seed's perplexity at its training length), and which differences
-between labels lie outside the seed spread.
+"""Across-seed descriptions for the report: one label (model + scaling variant) trained with several
+seeds gives, per context length, a mean and a sample standard deviation, and the extrapolation
+ratio (perplexity over the same seed's perplexity at its training length). Tests and intervals
+are significance.py's, on endpoints declared before the run.
 
 A result's training seed is `extra["train_seed"]`; results without one count as a single seed,
 later files overriding earlier ones at the same length (as a re-evaluation should).
@@ -49,23 +49,3 @@ def mean_std(values: dict[Any, float]) -> tuple[float | None, float | None, int]
     if not xs:
         return None, None, 0
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
-
-
-def separated(a: dict[Any, float], b: dict[Any, float]) -> str:
-    """'lower' / 'higher' when every seed of `a` is below / above every seed of `b` (both with at
-    least two seeds), else '' (within the seed spread). With n seeds each, two identically
-    distributed labels separate by chance with probability 2 / C(2n, n) (0.1 for n = 3)."""
-    xa, xb = list(a.values()), list(b.values())
-    if len(xa) < 2 or len(xb) < 2:
-        return ""
-    if max(xa) < min(xb):
-        return "lower"
-    if min(xa) > max(xb):
-        return "higher"
-    return ""
-
-
-def chance_of_separation(n_a: int, n_b: int) -> float:
-    """Probability that all of n_a draws fall below all of n_b draws or above them, for two labels
-    with the same distribution: 2 / C(n_a + n_b, n_a)."""
-    return 2.0 / math.comb(n_a + n_b, n_a)

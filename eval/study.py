@@ -12,19 +12,25 @@ A study YAML (configs/study/*.yaml) holds:
       rope: {model.position.scheme: rope}
     eval:
       length_multiples: [1, 2, 4, 8, 16]   # of model.max_seq_len; fractions (0.25) show context use
+      protocols: [windows, "context>=0.75L"]  # perplexity protocols (protocol.py), each at every length
       scaling_variants: [pi, ntk, dynamic_ntk, yarn]
       scaling_schemes: [rope, bifocal]     # fixed-frequency heads to scale
-      scaling_factor: 16                   # null: the largest multiple
-      dynamic_ntk_factor: 1.0              # dynamic NTK adapts per length by itself
-      max_docs: 4
-      max_tokens: 8192                     # scored tokens per length
+      scaling_conventions: [fixed, matched]  # one factor at every length, and s = L / L_train per length
+      scaling_factor: 16                   # the fixed factor; null: the largest multiple
+      first_target: null                   # null: the largest min context, so every protocol and length
+      targets_per_doc: 512                 #   scores the same targets (tokens P .. P+N-1 of each document)
+      max_docs: null                       # null: every validation document long enough
+      max_tokens: null                     # a cap on scored tokens per length (breaks "same targets")
       batch_size: 1
+    analysis:             # fixed before the run: the claims the report tests (significance.py)
+      endpoints: {extrapolation: {multiples: [2, 4, 8, 16], protocol: "context>=0.75L"}}
+      comparisons: [[bifocal, rope]]       # default: every label against rope
 
 Layout: OUT/configs/<run>.yaml (the exact run config), OUT/runs/<run> (the run),
-OUT/results/<run>[-variant].json, OUT/report.md, OUT/extrapolation.png, where <run> is the scheme,
-or <scheme>-s<seed> when the study names seeds (report.md then gives mean ± std per length
-and says which differences exceed the seed spread). A finished run and a
-result whose settings are unchanged are reused, so re-running a study resumes it.
+OUT/results/<run>[-variant-xS|-variant-matched][-protocol].json, OUT/report.md, OUT/report.json,
+OUT/extrapolation.png, OUT/by_position.png, where <run> is the scheme, or <scheme>-s<seed> when the
+study names seeds (report.md then gives mean ± std per length and tests the declared analysis). A
+finished run and a result whose settings are unchanged are reused, so re-running a study resumes it.
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ import yaml
 from bifocal import configs
 from bifocal.core.config import deep_merge, nearest, nest, parse_overrides, yaml_mapping
 from bifocal.core.errors import BifocalError
-from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES
+from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES, GPTConfig
 from bifocal.run.config import CONFIG_DIR, expand
+
+from .protocol import context_tokens, parse_protocol, protocol_slug
+from .significance import Analysis, parse_analysis
 
 STUDY_DIR = CONFIG_DIR / "study"
 RUN_SECTIONS = ("model", "data", "train", "optim", "deepspeed")  # `--set train.x=1` means base.train.x
@@ -57,12 +66,19 @@ class StudyEval:
     # Of the training length. Below 1 (e.g. 0.25) scores windows shorter than training: a model
     # that uses its context has a higher perplexity there than at 1x.
     length_multiples: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    # Perplexity protocols (protocol.py): "windows" (non-overlapping), "context>=0.75L" (every
+    # target with 3L/4 .. L tokens of context), ...; each evaluated at every length.
+    protocols: list[str] = field(default_factory=lambda: ["windows"])
     scaling_variants: list[str] = field(default_factory=lambda: list(ROPE_SCALING_TYPES))
     scaling_schemes: list[str] = field(default_factory=lambda: ["rope", "bifocal"])
-    scaling_factor: float | None = None
-    dynamic_ntk_factor: float = 1.0
-    max_docs: int | None = 4
-    max_tokens: int | None = 8192
+    # fixed: one factor (scaling_factor) at every length; matched: s = max(1, L / L_train) at each
+    # length L (dynamic NTK: factor 1, with which it computes that s itself).
+    scaling_conventions: list[str] = field(default_factory=lambda: ["fixed", "matched"])
+    scaling_factor: float | None = None  # the fixed factor; None: the largest multiple
+    first_target: int | None = None  # None: the largest min context over protocols at the longest length
+    targets_per_doc: int | None = None  # None: every target to the end of each document
+    max_docs: int | None = None
+    max_tokens: int | None = None  # a cap per length; the scored targets then differ between lengths
     batch_size: int = 1
     device: str | None = None
     # Evaluate the checkpoint saved at this training step instead of the final model (e.g. the
@@ -80,6 +96,7 @@ class Study:
     eval: StudyEval
     seeds: list[int] = field(default_factory=list)  # empty: the base config's train.seed, one run
     label: str | None = None  # tags result rows `scheme[label]`
+    analysis: Analysis | None = None  # endpoints and comparisons declared before the run
 
     def model_name(self, scheme: str) -> str:
         return f"{scheme}[{self.label}]" if self.label else scheme
@@ -88,6 +105,16 @@ class Study:
         """The full run config of one scheme: base, then its overrides, then the seed."""
         raw = deep_merge(self.base, nest(self.overrides.get(scheme) or {}))
         return raw if seed is None else deep_merge(raw, {"train": {"seed": seed}})
+
+    def labels(self, schemes: list[str] | None = None) -> list[str]:
+        """Every row label the study's results carry (report.label), for `schemes` (default: its own)."""
+        train_len = int((self.base.get("model") or {}).get("max_seq_len", GPTConfig.max_seq_len))
+        lengths = study_lengths(self.eval.length_multiples, train_len, str(self.path))
+        out = []
+        for scheme in schemes or self.schemes:
+            out += [self.model_name(scheme) + (f"+{v}({_factor_tag(f)})" if v else "")
+                    for v, f in evaluations(self, scheme, lengths, train_len)]
+        return out
 
     def runs(self) -> list[tuple[str, int | None, str]]:
         """(scheme, seed or None, run name) for every run: `scheme-s<seed>` when the study names
@@ -145,13 +172,15 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         key = item.split("=", 1)[0].strip()
         sets.append(f"base.{item}" if key.split(".")[0] in RUN_SECTIONS else item)
     raw = deep_merge(raw, parse_overrides(sets))
-    known = ("base", "schemes", "seeds", "overrides", "eval", "label")
+    known = ("base", "schemes", "seeds", "overrides", "eval", "label", "analysis")
     for key in raw:
         if key not in known:
             raise BifocalError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
     ev = raw.get("eval") or {}
     fields = list(StudyEval.__dataclass_fields__)
     for key in ev:
+        if key in REMOVED_EVAL_KEYS:
+            raise BifocalError(f"{path}: `eval.{key}` was removed: {REMOVED_EVAL_KEYS[key]}")
         if key not in fields:
             raise BifocalError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
     base = _base_config(raw.get("base") or {}, path)
@@ -171,6 +200,20 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     for v in study.eval.scaling_variants:
         if v not in ROPE_SCALING_TYPES:
             raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+    for c in study.eval.scaling_conventions:
+        if c not in ("fixed", "matched"):
+            raise BifocalError(f"{path}: eval.scaling_conventions: {c!r} is not fixed or matched")
+    if not study.eval.protocols:
+        raise BifocalError(f"{path}: eval.protocols must name at least one protocol, e.g. [windows]")
+    for name in study.eval.protocols:
+        try:
+            parse_protocol(str(name))
+        except ValueError as exc:
+            raise BifocalError(f"{path}: eval.protocols: {exc}") from None
+    for key in ("first_target", "targets_per_doc", "max_docs", "max_tokens"):
+        v = getattr(study.eval, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BifocalError(f"{path}: eval.{key} must be a positive integer or null, got {v!r}")
     multiples = study.eval.length_multiples
     if not isinstance(multiples, list) or not multiples or any(
             isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in multiples):
@@ -181,7 +224,43 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     if study.eval.step is not None and (isinstance(study.eval.step, bool) or not isinstance(study.eval.step, int)
                                         or study.eval.step < 1):
         raise BifocalError(f"{path}: eval.step must be a positive integer (a training step with a checkpoint)")
+    if raw.get("analysis") is not None:
+        study.analysis = parse_analysis(raw["analysis"], str(path))
+        if study.label:  # the study's rows read `scheme[label]...`: so do its declared comparisons
+            tag = lambda name: re.sub(r"^([a-z]+)", lambda m: study.model_name(m.group(1)), name)  # noqa: E731
+            a = study.analysis
+            a.baseline = tag(a.baseline)
+            a.comparisons = None if a.comparisons is None else [(tag(x), tag(y)) for x, y in a.comparisons]
+        _check_analysis(study, str(path))
     return study
+
+
+REMOVED_EVAL_KEYS = {"dynamic_ntk_factor": "dynamic NTK follows eval.scaling_conventions like the other variants "
+                                           "(fixed: scaling_factor; matched: factor 1, i.e. s = L / L_train)"}
+
+
+def _check_analysis(study: Study, where: str) -> None:
+    """Endpoints name protocols the study evaluates; comparisons name labels it produces."""
+    a = study.analysis
+    for ep in a.endpoints:
+        if ep.protocol not in study.eval.protocols:
+            raise BifocalError(f"{where}: analysis endpoint {ep.name!r}: protocol {ep.protocol!r} is not in "
+                               f"eval.protocols ({', '.join(study.eval.protocols)})")
+        train_len = (study.base.get("model") or {}).get("max_seq_len")
+        if isinstance(train_len, int):
+            have = set(study_lengths(study.eval.length_multiples, train_len, where))
+            want = {int(round(m * train_len)) for m in ep.multiples}
+            if not want <= have:
+                raise BifocalError(f"{where}: analysis endpoint {ep.name!r}: multiples {list(ep.multiples)} are not "
+                                   f"all in eval.length_multiples {study.eval.length_multiples}")
+    # Against the labels of every scheme, so `--schemes rope,pope` runs a subset (the report lists the
+    # comparisons it could not make) while a misspelt label is refused before anything is trained.
+    labels = study.labels(list(SCHEMES))
+    for pair in a.comparisons or []:
+        for name in pair:
+            if name not in labels:
+                raise BifocalError(f"{where}: analysis comparison {list(pair)}: {name!r} is not a label this study "
+                                   f"can produce (e.g. {', '.join(study.labels())})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,29 +334,40 @@ def study_lengths(multiples: list[float], train_len: int, where: str) -> list[in
     return sorted(set(lengths))
 
 
-def evaluations(study: Study, scheme: str, lengths: list[int], train_len: int) -> list[tuple[str | None, float]]:
-    """(variant or None, factor) pairs to evaluate for one scheme."""
-    out: list[tuple[str | None, float]] = [(None, 1.0)]
+def evaluations(study: Study, scheme: str, lengths: list[int], train_len: int) -> list[tuple[str | None, float | str]]:
+    """(variant or None, factor) pairs to evaluate for one scheme: the factor is a number (one at
+    every length) or MATCHED (s = max(1, L / L_train) at each length)."""
+    from .perplexity import MATCHED
+
+    fixed = study.eval.scaling_factor if study.eval.scaling_factor is not None else max(lengths) / train_len
+    out: list[tuple[str | None, float | str]] = [(None, 1.0)]
     if scheme in study.eval.scaling_schemes:
         for v in study.eval.scaling_variants:
-            if v == "dynamic_ntk":
-                factor = float(study.eval.dynamic_ntk_factor)
-            elif study.eval.scaling_factor is not None:
-                factor = float(study.eval.scaling_factor)
-            else:
-                factor = max(lengths) / train_len
-            out.append((v, max(1.0, factor)))
+            out += [(v, max(1.0, float(fixed)) if c == "fixed" else MATCHED) for c in study.eval.scaling_conventions]
     return out
+
+
+def _factor_tag(factor: float | str) -> str:
+    return factor if isinstance(factor, str) else f"x{factor:g}"
+
+
+def first_target(ev: StudyEval, lengths: list[int]) -> int:
+    """The first scored token of every document: the largest min context any protocol needs at
+    the longest length, so every protocol and length scores the same targets."""
+    if ev.first_target is not None:
+        return ev.first_target
+    return max(context_tokens(parse_protocol(p)[0], max(lengths)) for p in ev.protocols)
 
 
 def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: int | None = None,
                     name: str | None = None) -> list[Path]:
-    """Perplexity of one trained run at every study length, per scaling variant; reuses result
-    files whose settings and checkpoint step match. The seed goes into the result's extra."""
+    """Perplexity of one trained run at every study length, per protocol and scaling variant;
+    reuses result files whose settings and checkpoint step match. The seed goes into the result's
+    extra. Raises BifocalError when a result scored different targets at different lengths."""
     from bifocal.data_pipeline.loader import PreparedData, iter_documents
 
     from .loading import load_model
-    from .perplexity import apply_scaling, evaluate_perplexity, format_table
+    from .perplexity import MATCHED, evaluate_scaled, format_table, same_targets
     from .results import EvalResult, load
 
     ev = study.eval
@@ -286,44 +376,56 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
     cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     train_len = int(cfg_raw["model"]["max_seq_len"])
     lengths = study_lengths(ev.length_multiples, train_len, str(run_dir))
+    first = first_target(ev, lengths)
+    # Every length reads the same documents (each with a full window at the longest length and, given
+    # targets_per_doc, all its targets), so a curve shows context length, not a change of text.
+    need = max(max(lengths) + 1, first + (ev.targets_per_doc or 1))
     prepared = PreparedData(cfg_raw["data"]["prepared_dir"])
+    run_name = name or scheme
     paths = []
-    for variant, factor in evaluations(study, scheme, lengths, train_len):
-        run_name = name or scheme
-        path = out / "results" / (f"{run_name}-{variant}.json" if variant else f"{run_name}.json")
-        settings = {"eval": asdict(ev), "step": step, "lengths": lengths, "factor": factor,
-                    "model": study.model_name(scheme)}
-        if path.is_file():
-            try:
-                if load(path).extra.get("settings") == json.loads(json.dumps(settings)):
-                    print(f"[study] {scheme} {variant or ''}: result {path} is current, reusing it", flush=True)
-                    paths.append(path)
-                    continue
-            except BifocalError:
-                pass
-        if model is None:
-            model, tokenizer = load_model(run_dir, device=ev.device, step=ev.step)
-        apply_scaling(model, variant, factor, lengths)
-        # Every length reads the same documents (those long enough for the longest length), so
-        # the curve shows context length, not a change of text mix.
-        docs = lambda n: iter_documents(prepared, "val", min_tokens=max(lengths) + 1)  # noqa: E731
-        t0 = time.perf_counter()
-        skipped: dict[int, str] = {}
-        rows = evaluate_perplexity(model, docs, lengths, max_docs=ev.max_docs, max_tokens=ev.max_tokens,
-                                   batch_size=ev.batch_size, on_skip=skipped.__setitem__)
-        if not rows:
-            raise BifocalError(f"{scheme}: no validation document in {prepared.path} has {max(lengths) + 1} tokens; "
-                               "lower eval.length_multiples")
-        shown = f"{run_name} + {variant} x{factor:g}" if variant else run_name
-        print(f"[study] {shown}: evaluated in {time.perf_counter() - t0:.0f} s\n{format_table(rows, train_len)}",
-              flush=True)
-        for n, why in skipped.items():
-            print(f"[study] warning: {shown}: length {n}: {why}", flush=True)
-        extra = {"run_dir": str(run_dir), "settings": settings, "skipped": skipped,
-                 "train_seed": int(cfg_raw["train"].get("seed", 1234)) if seed is None else seed}
-        result = EvalResult(kind="ppl", model=study.model_name(scheme), scheme=scheme, rows=rows, variant=variant or "none",
-                            factor=factor, train_len=train_len, extra=extra)
-        paths.append(result.save(path))
+    for protocol in ev.protocols:
+        min_context, stride = parse_protocol(protocol)
+        for variant, factor in evaluations(study, scheme, lengths, train_len):
+            tag = f"-{variant}-{_factor_tag(factor)}" if variant else ""
+            path = out / "results" / f"{run_name}{tag}{protocol_slug(protocol)}.json"
+            settings = {"eval": asdict(ev), "step": step, "lengths": lengths, "factor": factor,
+                        "protocol": protocol, "first_target": first, "model": study.model_name(scheme)}
+            if path.is_file():
+                try:
+                    if load(path).extra.get("settings") == json.loads(json.dumps(settings)):
+                        print(f"[study] {path.stem}: result is current, reusing it", flush=True)
+                        paths.append(path)
+                        continue
+                except BifocalError:
+                    pass
+            if model is None:
+                model, tokenizer = load_model(run_dir, device=ev.device, step=ev.step)
+            docs = lambda n: iter_documents(prepared, "val", min_tokens=need)  # noqa: E731
+            t0 = time.perf_counter()
+            skipped: dict[int, str] = {}
+            rows = evaluate_scaled(model, docs, lengths, variant, factor, max_docs=ev.max_docs,
+                                   max_tokens=ev.max_tokens, batch_size=ev.batch_size, on_skip=skipped.__setitem__,
+                                   min_context=min_context, stride=stride, first_target=first,
+                                   targets_per_doc=ev.targets_per_doc, progress=False)
+            if not rows:
+                raise BifocalError(f"{scheme}: no validation document in {prepared.path} has {need} tokens; "
+                                   "lower eval.length_multiples or eval.targets_per_doc")
+            same = same_targets(rows)
+            if ev.max_tokens is None and not same:
+                raise BifocalError(f"{path.stem}: the scored targets differ between lengths "
+                                   f"({sorted({r['targets'] for r in rows})}); the report would compare different text")
+            print(f"[study] {path.stem}: evaluated in {time.perf_counter() - t0:.0f} s\n"
+                  f"{format_table(rows, train_len)}", flush=True)
+            for n, why in skipped.items():
+                print(f"[study] warning: {path.stem}: length {n}: {why}", flush=True)
+            extra = {"run_dir": str(run_dir), "settings": settings, "skipped": skipped, "protocol": protocol,
+                     "same_targets": same,
+                     "train_seed": int(cfg_raw["train"].get("seed", 1234)) if seed is None else seed}
+            result = EvalResult(kind="ppl", model=study.model_name(scheme), scheme=scheme, rows=rows,
+                                variant=variant or "none", factor=max(r.get("factor", 1.0) for r in rows),
+                                convention="matched" if factor == MATCHED else "fixed", train_len=train_len,
+                                extra=extra)
+            paths.append(result.save(path))
     return paths
 
 
@@ -350,14 +452,17 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
         if study.eval.step is None or study.eval.step not in dict(checkpoint.complete_checkpoints(run_dir)):
             run_dir = train_scheme(study, scheme, out, seed, name)
         result_paths += evaluate_scheme(study, scheme, run_dir, report_dir, seed, name)
-    paths = write_report([load(p) for p in result_paths], report_dir)
+    paths = write_report([load(p) for p in result_paths], report_dir, study.analysis)
     elapsed = time.perf_counter() - t0
     (out / "study.json").write_text(json.dumps({"preset": str(study.path), "schemes": study.schemes,
-                                                "seeds": study.seeds, "wall_s": round(elapsed, 1)}, indent=1) + "\n")
+                                                "seeds": study.seeds, "wall_s": round(elapsed, 1),
+                                                "analysis": study.analysis.to_dict() if study.analysis else None},
+                                               indent=1) + "\n")
     print(f"[study] done in {elapsed / 60:.1f} min", flush=True)
     print(f"[study] report  {paths['markdown'].resolve()}")
-    if "extrapolation" in paths:
-        print(f"[study] plot    {paths['extrapolation'].resolve()}")
+    for key in ("extrapolation", "by_position"):
+        if key in paths:
+            print(f"[study] plot    {paths[key].resolve()}")
     return paths
 
 

@@ -102,9 +102,20 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("model", help="run directory or exported model directory")
     ppl.add_argument("--data", default=None, help="prepared data dir (validation split) or raw files")
     ppl.add_argument("--lengths", default="512,1024,2048", help="comma-separated context lengths")
-    ppl.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    ppl.add_argument("--stride", type=int, default=None,
+                     help="sliding-window stride (default: length - min context + 1; non-overlapping without --min-context)")
+    ppl.add_argument("--min-context", default=None, metavar="C",
+                     help="score every target with at least C tokens of context: tokens (24) or a fraction of "
+                          "the length (0.75L)")
+    ppl.add_argument("--first-target", type=int, default=None, metavar="P",
+                     help="score each document from token P on (default: the largest min context, so every "
+                          "length scores the same targets)")
+    ppl.add_argument("--targets-per-doc", type=int, default=None, metavar="N",
+                     help="score at most N targets per document (default: to its end)")
     ppl.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])
-    ppl.add_argument("--factor", type=float, default=None, help="rope scaling factor (default: max length / train length)")
+    ppl.add_argument("--factor", default=None,
+                     help="rope scaling factor for every length (default: max length / train length), or "
+                          "'matched': s = length / train length at each length")
     ppl.add_argument("--max-docs", type=int, default=None, help="documents per length (default: all)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="tokens scored per length at most")
     ppl.add_argument("--batch-size", type=int, default=None,
@@ -118,6 +129,9 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("results", nargs="+", help="result JSON files or directories holding them")
     rep.add_argument("--out", default="report", help="output directory")
     rep.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    rep.add_argument("--analysis", default=None, metavar="STUDY",
+                     help="test the endpoints and comparisons declared in this study YAML's analysis: section "
+                          "(a path or a preset name, e.g. cpu)")
     rep.set_defaults(handler="bifocal.eval.report:main")
 
     pk = esub.add_parser("passkey", help="passkey retrieval accuracy against context length")

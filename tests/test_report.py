@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -169,3 +170,124 @@ def test_invalid_result_file_is_a_user_error(tmp_path, capsys):
                                                  "rows": [{"length": 8}]}))
     assert cli(["eval", "report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "r.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Results of real evaluations: both scaling conventions, two protocols, target digests, positions
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Result files of tiny random-weight GPTs evaluated for real: rope (plain, YaRN x4 and YaRN
+    matched) and bifocal, 3 seeds each, in the windows and context>=0.75L protocols."""
+    import numpy as np
+
+    from bifocal.eval.perplexity import MATCHED, evaluate_scaled
+    from tiny_models import random_model
+
+    d = tmp_path_factory.mktemp("evaluated")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 64, n) for n in (120, 130, 140, 150)]
+    for scheme in ("rope", "bifocal"):
+        for seed in (1, 2, 3):
+            model = random_model(64, scheme, seed=seed, max_seq_len=16, init_std=0.2)
+            runs = [(None, None)] + ([("yarn", 4.0), ("yarn", MATCHED)] if scheme == "rope" else [])
+            for protocol, min_context in (("windows", None), ("context>=0.75L", "0.75L")):
+                for variant, factor in runs:
+                    rows = evaluate_scaled(model, docs, [8, 16, 32, 64], variant, factor, min_context=min_context,
+                                           first_target=48, targets_per_doc=64, progress=False)  # as a study does
+                    EvalResult(kind="ppl", model=scheme, scheme=scheme, rows=rows, variant=variant or "none",
+                               factor=max(r.get("factor", 1.0) for r in rows), train_len=16,
+                               convention="matched" if factor == MATCHED else "fixed",
+                               extra={"train_seed": seed, "protocol": protocol}
+                               ).save(d / f"{scheme}-{seed}-{variant}-{factor}-{protocol}.json")
+    return d
+
+
+def test_both_conventions_both_protocols_and_the_same_targets(evaluated, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert cli(["eval", "report", str(evaluated), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    for protocol in ("windows", "context>=0.75L"):
+        table = _table(md, f"## Perplexity by context length ({protocol})")
+        assert set(table) == {"__header__", "rope", "rope+yarn(x4)", "rope+yarn(matched)", "bifocal"}
+        assert table["__header__"][-4:] == ["8", "16", "32*", "64*"]
+        # matched: s = 1 up to the training length, so it equals plain rope there and x4 beyond it
+        assert table["rope+yarn(matched)"][3:5] == table["rope"][3:5] != table["rope+yarn(x4)"][3:5]
+        assert table["rope+yarn(matched)"][-1] == table["rope+yarn(x4)"][-1]
+    assert "`(x4)`: one scaling factor at every length" in md and "`(matched)`: the factor matched to each length" in md
+    assert md.count("Every length and every model scored the same 256 targets in 4 documents") == 2
+    positions = _table(md, "### Loss by position at length 64")
+    assert positions["__header__"] == ["model", "0", "1", "2-3", "4-7", "8-15", "16-31*", "32-63*"]
+    assert all(c != "—" for c in positions["rope"])  # windows: every position scored
+    flat = json.loads((out / "report.json").read_text())
+    assert {r["protocol"] for r in flat["ppl_summary"]} == {"windows", "context>=0.75L"}
+    assert {r["convention"] for r in flat["ppl"] if r["variant"] == "yarn"} == {"fixed", "matched"}
+    assert all("doc_loss" not in r and "by_position" not in r for r in flat["ppl"])  # bulky data stays in results
+    assert flat["targets"]["windows"]["same_everywhere"] is True
+    assert {r["label"] for r in flat["by_position"]} == {"rope", "rope+yarn(x4)", "rope+yarn(matched)", "bifocal"}
+    for name in ("extrapolation.png", "by_position.png"):
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.std() > 0.01
+    assert matplotlib.image.imread(out / "extrapolation.png").shape[0] > 1000  # one row of panels per protocol
+
+
+def test_the_report_does_not_claim_the_same_targets_when_they_differ(evaluated, tmp_path):
+    from bifocal.eval.results import load
+
+    source = next(evaluated.glob("bifocal-1-None-None-windows.json"))
+    r = load(source)
+    r.rows[-1]["targets"] = "0123456789abcdef"  # as if the longest length had scored other text
+    from bifocal.eval.report import write_report
+
+    md = write_report([r], tmp_path / "md")["markdown"].read_text()
+    assert "model scored the same" not in md and "The scored targets differ between lengths for bifocal" in md
+    r.rows[0]["doc_ids"] = [r.rows[0]["doc_ids"][0]] * len(r.rows[0]["doc_ids"])
+    md = write_report([r], tmp_path / "md2")["markdown"].read_text()
+    assert "are token-for-token copies" in md
+    old = _ppl("rope", "rope", [20.0, 40.0, 120.0, 400.0])  # written before digests
+    md = write_report([old], tmp_path / "md3")["markdown"].read_text()
+    assert "not recorded in these results" in md and "model scored the same" not in md
+
+
+def test_declared_analysis_through_the_command_line(evaluated, tmp_path, capsys):
+    analysis = tmp_path / "analysis.yaml"
+    analysis.write_text("analysis:\n  endpoints:\n    extrapolation: {multiples: [2, 4], protocol: 'context>=0.75L'}\n"
+                        "  comparisons: [[bifocal, rope], [rope+yarn(matched), rope], [rope+yarn(matched), rope+yarn(x4)]]\n")
+    out = tmp_path / "rep"
+    assert cli(["eval", "report", str(evaluated), "--out", str(out), "--analysis", str(analysis)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| extrapolation | bifocal vs rope | welch | 3 / 3 |" in md
+    assert "| extrapolation | rope+yarn(matched) vs rope | paired | 3 / 3 |" in md
+    flat = json.loads((out / "report.json").read_text())["analysis"]
+    designs = {(c["a"], c["b"]): c["design"] for c in flat["comparisons"]}
+    assert designs == {("bifocal", "rope"): "welch", ("rope+yarn(matched)", "rope"): "paired",
+                       ("rope+yarn(matched)", "rope+yarn(x4)"): "paired"}
+    assert all(c["docs"] == 4 for c in flat["comparisons"]) and flat["tests"] == 3
+    assert all(c["p"] is not None and c["p_holm"] >= c["p"] for c in flat["comparisons"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("analysis: {endpoints: {e: {multiples: [2], protocol: sliding}}}\n")
+    assert cli(["eval", "report", str(evaluated), "--out", str(tmp_path / "x"), "--analysis", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "protocol 'sliding'" in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_old_result_files_still_load_and_report():
+    """Files written before conventions, protocols and digests: read as fixed / windows."""
+    data = _ppl("rope", "rope", [1, 2, 3, 4], "yarn", 16.0).to_dict()
+    del data["convention"]
+    from bifocal.eval.results import from_dict
+
+    r = from_dict(data)
+    assert r.convention == "fixed" and r.protocol == "windows"
+    data["rows"][0]["stride"] = 64
+    assert from_dict(data).protocol == "stride=64"
+
+
+@pytest.mark.parametrize("results", sorted(str(p.relative_to(Path(__file__).resolve().parents[1]))
+                                           for p in (Path(__file__).resolve().parents[1] / "docs").glob("*/**/results")))
+def test_committed_result_files_still_report(results, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    assert cli(["eval", "report", str(root / results), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.startswith("# Evaluation report") and "## Task:" in md

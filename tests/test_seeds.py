@@ -1,5 +1,6 @@
-"""Seeds in reports: mean ± std per length, the extrapolation ratio per seed, and which
-differences lie outside the seed spread, from real result files through `write_report`."""
+"""Seeds in reports: mean ± std per length, the extrapolation ratio per seed, tests only on declared
+endpoints (no "every seed below every seed" rule), and the README headline generated from a
+report, from real result files through `write_report`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from bifocal.eval.report import write_report
 from bifocal.eval.results import EvalResult
-from bifocal.eval.seeds import chance_of_separation, mean_std, relative_to_train_len, separated
+from bifocal.eval.seeds import mean_std, relative_to_train_len
+from bifocal.eval.significance import parse_analysis
 from bifocal.eval.study import load_study
 
 LENGTHS = [64, 128, 256]
@@ -40,22 +42,23 @@ def test_mean_std_and_relative_curve_per_seed():
     assert relative_to_train_len(rope, "ppl", 32) == {}  # training length not evaluated
 
 
-def test_separation_needs_disjoint_seed_ranges():
-    assert separated({1: 1.0, 2: 2.0}, {1: 3.0, 2: 4.0}) == "lower"
-    assert separated({1: 5.0, 2: 6.0}, {1: 3.0, 2: 4.0}) == "higher"
-    assert separated({1: 1.0, 2: 3.5}, {1: 3.0, 2: 4.0}) == ""
-    assert separated({1: 1.0}, {1: 3.0, 2: 4.0}) == ""  # one seed says nothing about spread
-    assert chance_of_separation(3, 3) == pytest.approx(0.1)
+ANALYSIS = parse_analysis({"endpoints": {"extrapolation": [2, 4], "training_length": [1]}}, "test")
 
 
 def test_report_with_seeds(tmp_path):
-    paths = write_report(RESULTS, tmp_path)
+    paths = write_report(RESULTS, tmp_path, ANALYSIS)
     md = paths["markdown"].read_text()
     assert "| rope | rope | 3 | 64 | 21.00 ± 1.00 | 32.33 ± 2.52 | 70.00 ± 10.00 |" in md
-    spread = md[md.index("beyond the seed spread"):]
-    # 64: overlap; 128 and 256: bifocal lower in absolute ppl and in the ratio to its own 64-token ppl
-    assert "| bifocal | ~ / ~ | lower / lower | lower / lower |" in spread
-    assert "0.10 for 3 seeds each" in spread
+    assert "a description, not a test" in md
+    assert "seed spread" not in md and "every seed" not in md and "no worse" not in md  # the old rule is gone
+    tests = md[md.index("### Comparisons"):]
+    # bifocal vs rope, Welch over 3 seeds each, Holm over the 2 tests: lower beyond the training length,
+    # no difference detected at it
+    assert "| extrapolation | bifocal vs rope | welch | 3 / 3 |" in tests
+    rows = {line.split("|")[1].strip(): line for line in tests.splitlines() if "bifocal vs rope" in line}
+    assert rows["extrapolation"].rstrip(" |").endswith("lower")
+    assert rows["training_length"].rstrip(" |").endswith("no difference detected")
+    assert "adjusted over all 2 tests" in tests
     own = md[md.index("own perplexity at its training length"):]
     assert "| rope | 1.000 ± 0.000 | 1.538 ± 0.047 | 3.323 ± 0.318 |" in own
     summary = json.loads(paths["json"].read_text())["ppl_summary"]
@@ -67,8 +70,8 @@ def test_report_with_seeds(tmp_path):
 
 
 def test_single_seed_report_has_no_spread_claims(tmp_path):
-    md = write_report([RESULTS[0], RESULTS[3]], tmp_path)["markdown"].read_text()
-    assert "±" not in md and "seed spread" not in md
+    md = write_report([RESULTS[0], RESULTS[3]], tmp_path, ANALYSIS)["markdown"].read_text()
+    assert "±" not in md and "| lower" not in md and "not tested" in md
     assert "own perplexity at its training length" in md
 
 
@@ -89,16 +92,21 @@ def test_seeds_in_the_study_file_and_on_the_command_line(tmp_path):
             load_study(str(f))
 
 
-def test_headline_table_from_report_json(tmp_path):
+def test_headline_table_from_report_json(tmp_path, capsys):
     from bifocal.eval.headline import headline, main
 
-    paths = write_report(RESULTS, tmp_path)
-    summary = json.loads(paths["json"].read_text())["ppl_summary"]
-    table = headline(summary, ["bifocal", "rope", "pope"])
-    lines = table.splitlines()
-    assert lines[0] == "| model | seeds | 64 | 128* | 256* | ppl(256) / ppl(64) |"
-    assert lines[2] == "| bifocal | 3 | 21.0 ± 0.5 | 22.5 ± 0.5 | 24.0 ± 1.0 | 1.143 ± 0.020 |"
-    assert lines[3].startswith("| rope | 3 | 21.0 ± 1.0 |") and len(lines) == 4  # no pope results: no row
+    paths = write_report(RESULTS, tmp_path, ANALYSIS)
+    report = json.loads(paths["json"].read_text())
+    lines = headline(report, ["bifocal", "rope", "pope"]).splitlines()
+    assert lines[0].startswith("Protocol `windows`: non-overlapping windows")  # which protocol the table uses
+    assert lines[2] == "| model | seeds | 64 | 128* | 256* | ppl(256) / ppl(64) |"
+    assert lines[4] == "| bifocal | 3 | 21.0 ± 0.5 | 22.5 ± 0.5 | 24.0 ± 1.0 | 1.143 ± 0.020 |"
+    assert lines[5].startswith("| rope | 3 | 21.0 ± 1.0 |") and lines[6] == ""  # no pope results: no row
+    assert lines[7] == "| model | seeds | extrapolation [95% CI] | training_length [95% CI] |"
+    assert any(line.startswith("| extrapolation | bifocal vs rope | welch |") and line.endswith("| lower |")
+               for line in lines)
+    assert main([str(paths["json"]), "--labels", "bifocal,rope,pope"]) == 0
+    assert capsys.readouterr().out == headline(report, ["bifocal", "rope", "pope"])
     assert main([str(tmp_path / "missing.json")]) == 2
 
 
@@ -108,6 +116,5 @@ def test_readme_headline_table_is_generated_from_the_committed_study():
     from bifocal.eval.headline import headline
 
     root = Path(__file__).resolve().parents[1]
-    summary = json.loads((root / "docs/study-cpu/report.json").read_text())["ppl_summary"]
-    table = headline(summary)
+    table = headline(json.loads((root / "docs/study-cpu/report.json").read_text()))
     assert table and table in (root / "README.md").read_text()

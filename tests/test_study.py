@@ -1,5 +1,6 @@
 """`bifocal study extrapolation --preset smoke` end to end: two schemes trained by real `bifocal
-train` subprocesses, evaluated at 1x-4x, reported; a second invocation reuses everything."""
+train` subprocesses, evaluated at 1x-4x in two protocols and both scaling conventions on the same
+targets, reported with the declared endpoint; a second invocation reuses everything."""
 
 from __future__ import annotations
 
@@ -27,17 +28,28 @@ def test_smoke_study_writes_report_plot_and_results(study):
     md = (out / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")][-3:] == ["32", "64*", "128*"]
-    for label in ("| rope |", "| rope+yarn(x4) |", "| bifocal |"):
-        assert label in md, label
-    png = (out / "extrapolation.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for label in ("| rope |", "| rope+yarn(x4) |", "| rope+yarn(matched) |", "| bifocal |"):
+        assert md.count(label) >= 2, label  # in both protocols' tables
+    assert "## Perplexity by context length (context>=0.75L)" in md and "### Loss by position at length 128" in md
+    assert "## Declared endpoints and tests" in md and "`extrapolation`: lengths 2, 4 x the training length" in md
+    for name in ("extrapolation.png", "by_position.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     names = sorted(p.name for p in (out / "results").glob("*.json"))
-    assert names == ["bifocal.json", "rope-yarn.json", "rope.json"]
+    assert names == sorted(f"{run}{protocol}.json" for run in ("bifocal", "rope", "rope-yarn-x4", "rope-yarn-matched")
+                           for protocol in ("", "-context0.75L"))
+    digests = set()
     for name in names:
         result = load(out / "results" / name)
         assert [r["length"] for r in result.rows] == [32, 64, 128]
-        assert all(r["tokens"] == 256 for r in result.rows)  # eval.max_tokens of the preset
-    assert load(out / "results" / "rope-yarn.json").factor == 4.0
+        assert all(r["tokens"] == 256 and r["docs"] == 2 for r in result.rows)  # 2 documents x 128 targets
+        assert result.extra["same_targets"] is True
+        digests |= {r["targets"] for r in result.rows}
+    assert len(digests) == 1  # every protocol, length and model: the same targets
+    assert load(out / "results" / "rope-yarn-x4.json").factor == 4.0
+    matched = load(out / "results" / "rope-yarn-matched-context0.75L.json")
+    assert matched.convention == "matched" and [r["factor"] for r in matched.rows] == [1.0, 2.0, 4.0]
+    assert [r["min_context"] for r in matched.rows] == [24, 48, 96]
     for scheme in ("rope", "bifocal"):
         assert (out / "runs" / scheme / "summary.json").is_file()
     assert str((out / "report.md").resolve()) in proc.stdout
@@ -50,7 +62,7 @@ def test_second_run_reuses_finished_runs_and_results(study):
     proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out"], out.parent)
     second = time.perf_counter() - t0
     assert proc.stdout.count("finished run found") == 2
-    assert proc.stdout.count("is current, reusing it") == 3
+    assert proc.stdout.count("is current, reusing it") == 8
     assert (out / "runs" / "rope" / "summary.json").stat().st_mtime == stamp
     assert second < first
 
@@ -67,9 +79,10 @@ def test_study_file_validation(tmp_path):
     s = load_study("cpu", ["train.max_steps=7", "eval.max_tokens=99"], "rope")
     assert s.base["train"]["max_steps"] == 7 and s.eval.max_tokens == 99 and s.schemes == ["rope"]
     assert s.run_config("rope")["model"]["position"]["scheme"] == "rope"
-    # rope gets every variant at factor 16, dynamic NTK at factor 1 (it adapts per length)
-    assert evaluations(s, "rope", [128, 2048], 128) == [(None, 1.0), ("pi", 16.0), ("ntk", 16.0),
-                                                        ("dynamic_ntk", 1.0), ("yarn", 16.0)]
+    # rope gets every variant in both conventions: factor 16 at every length, and matched to each length
+    assert evaluations(s, "rope", [128, 2048], 128) == [
+        (None, 1.0), ("pi", 16.0), ("pi", "matched"), ("ntk", 16.0), ("ntk", "matched"),
+        ("dynamic_ntk", 16.0), ("dynamic_ntk", "matched"), ("yarn", 16.0), ("yarn", "matched")]
     assert evaluations(s, "pope", [128, 2048], 128) == [(None, 1.0)]
     # fractions of the training length score shorter windows (context use); they must give whole tokens
     assert study_lengths([0.25, 0.5, 1, 16], 32, "x") == [8, 16, 32, 512]
@@ -85,7 +98,7 @@ def test_study_file_validation(tmp_path):
 def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
     args = ["study", "extrapolation", "--preset", "smoke", "--out", "out", "--schemes", "rope", "--seeds", "2",
             "--set", "eval.scaling_variants=[]", "--set", "train.save_every=3", "--set", "train.keep_last=2",
-            "--set", "eval.length_multiples=[0.25, 1, 2]"]
+            "--set", "eval.length_multiples=[0.25, 1, 2]", "--set", "analysis.endpoints.extrapolation.multiples=[2]"]
     proc = run_cli(args, tmp_path, timeout=1200)
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["rope-s1234", "rope-s1235"]
