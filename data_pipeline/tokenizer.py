@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,6 +31,12 @@ BPE_FILE = "tokenizer.json"
 SP_FILE = "tokenizer.model"
 # SentencePiece skips training sentences longer than this many bytes, so long documents are cut.
 _SP_MAX_SENTENCE = 4096
+# The BPE trainer's time grows with the square of a pre-tokenized word's length (each merge inside
+# a word shifts the rest of it), so training text is cut inside runs of non-whitespace (or of
+# whitespace) longer than this: one long line of `x`, base64 or minified code costs linear time.
+# Encoding is unaffected (linear already); no ordinary word is this long.
+_BPE_MAX_RUN = 256
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (_BPE_MAX_RUN, _BPE_MAX_RUN))
 
 
 class TextTokenizer:
@@ -183,12 +190,23 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> bytes:
         nonlocal n
         for t in texts:
             n += 1
-            yield t
+            yield from _cut_long_runs(t)
 
     tok.train_from_iterator(counted(), trainer=trainer)
     if n == 0:
         raise BifocalError("no text to train the tokenizer on")
     return tok.to_str(pretty=False).encode("utf-8")
+
+
+def _cut_long_runs(text: str) -> Iterator[str]:
+    """`text` in pieces, cut every _BPE_MAX_RUN characters inside longer runs (the lookbehind
+    starts a match only where a run starts, so the scan is linear)."""
+    pos = 0
+    for m in _LONG_RUN.finditer(text):
+        for cut in range(m.start() + _BPE_MAX_RUN, m.end(), _BPE_MAX_RUN):
+            yield text[pos:cut]
+            pos = cut
+    yield text[pos:]
 
 
 def _sp_pieces(texts: Iterable[str]) -> Iterator[str]:

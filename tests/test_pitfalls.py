@@ -331,3 +331,39 @@ def test_near_duplicate_of_a_real_file_is_dropped_and_distinct_files_kept(tmp_pa
     assert by_name["b"]["duplicates"] == {"exact": 0, "near": 1}
     texts = decoded(data, "b", "train") + decoded(data, "b", "val")
     assert texts == ["def fresh():\n    return 42\n" * 20]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Preparation time is linear in the corpus, whatever its documents look like
+
+def test_cut_long_runs_keeps_the_text_and_bounds_every_run():
+    from bifocal.data_pipeline.tokenizer import _BPE_MAX_RUN, _cut_long_runs
+
+    texts = ["plain words only", "a " + "x" * 1000 + " b\n" + " " * 600 + "c", "y" * (3 * _BPE_MAX_RUN), ""]
+    for text in texts:
+        pieces = list(_cut_long_runs(text))
+        assert "".join(pieces) == text
+        for piece in pieces:
+            runs = piece.split() + [r for r in piece.replace("\t", "x").split("x") if r.isspace()]
+            assert max(map(len, runs), default=0) <= _BPE_MAX_RUN + 1
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece_unigram"])
+def test_a_3mb_line_without_whitespace_prepares_in_linear_time(tmp_path, kind):
+    """The issue's corpus: 300 ordinary sentences and one 3 MB run of `x`. Byte-level BPE training
+    was quadratic in the run (9.4 s at 160k characters, unfinished after 10 minutes at 3 MB); now
+    it takes about a second, so a 120 s bound fails only on the old code, never on a slow machine."""
+    import yaml
+
+    from conftest import run_cli
+
+    rows = [{"text": f"It is a truth universally acknowledged, that a single man {i} must be in want of a wife."}
+            for i in range(300)] + [{"text": "x" * 3_000_000}]
+    write_jsonl(tmp_path / "run.jsonl", rows)
+    cfg = {"data": {"sources": [{"name": "s", "path": "run.jsonl"}], "val_fraction": 0.0, "dedup": False,
+                    "tokenizer": {"type": kind, "vocab_size": 290}, "prepared_dir": str(tmp_path / "out")}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run_cli(["prepare", str(tmp_path / "cfg.yaml")], tmp_path, timeout=120)
+    data = PreparedData(tmp_path / "out")
+    texts = decoded(data, "s", "train")
+    assert len(texts) == 301 and "x" * 3_000_000 in texts
