@@ -29,6 +29,7 @@ from .config import GPTConfig
 from .gpt import param_groups
 from .loss import cross_entropy
 from .position import position_parameters
+from .hf.compat import set_checkpointing
 from .hf.spectral_attention import SURGERY_KEY, apply_surgery, surgery_config
 
 __all__ = ["spectralize", "CausalLMAdapter", "load_spectralized"]
@@ -73,10 +74,7 @@ class CausalLMAdapter(nn.Module):
         if every not in (0, 1):
             raise BifocalError(f"train.activation_checkpointing={every}: a --init-from-hf model checkpoints "
                                "every block or none (0 or 1)")
-        if every:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.model.is_gradient_checkpointing:
-            self.model.gradient_checkpointing_disable()
+        set_checkpointing(self.model, bool(every))
 
     def position_parameters(self) -> dict[str, nn.Parameter]:
         """The spectral heads' Omega, A, Phi, by name (see bifocal.model.position.position_parameters)."""

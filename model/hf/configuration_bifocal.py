@@ -12,6 +12,9 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ..config import GPTConfig
+from .compat import require_transformers
+
+require_transformers()  # an older transformers refuses here, the first file AutoConfig imports
 
 # Standard names derived from the GPTConfig; values found for them in config.json are ignored.
 _DERIVED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -20,7 +23,7 @@ _DERIVED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 
 class BifocalConfig(PretrainedConfig):
     model_type = "bifocal"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(self, bifocal: dict[str, Any] | None = None, use_cache: bool = True, **kwargs: Any) -> None:
         cfg = GPTConfig.from_dict(bifocal)  # validates; None gives the defaults

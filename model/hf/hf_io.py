@@ -29,7 +29,9 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.jso
                       "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 AUTO_MAP = {"AutoConfig": "configuration_bifocal.BifocalConfig",
-            "AutoModelForCausalLM": "modeling_bifocal.BifocalForCausalLM"}
+            "AutoModel": "modeling_bifocal.BifocalModel",
+            "AutoModelForCausalLM": "modeling_bifocal.BifocalForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_bifocal.BifocalForSequenceClassification"}
 CODE_ENTRIES = ["hf/configuration_bifocal.py", "hf/modeling_bifocal.py"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -103,15 +105,31 @@ def is_llama_compatible(cfg: GPTConfig) -> bool:
     return cfg.position.scheme == "rope" and llama_rope(cfg) is not None
 
 
+def bifocal_name(name: str) -> str:
+    """Native GPT weight name -> its name in a `BifocalForCausalLM` (the decoder under
+    `model.decoder.`, the output head as `lm_head`, as in Llama)."""
+    return name if name.startswith("lm_head.") else f"model.decoder.{name}"
+
+
+def native_bifocal_name(name: str) -> str:
+    """Inverse of `bifocal_name`; also reads exports written before the base model class existed
+    (everything under `model.`)."""
+    for prefix in ("model.decoder.", "model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    if name.startswith("lm_head."):
+        return name
+    raise ValueError(f"bifocal weight {name!r} is neither under `model.` nor the `lm_head`")
+
+
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The model's weights under the names of its export format, cast, tied copies dropped."""
-    llama = is_llama_compatible(model.cfg)
+    rename = native_to_llama_name if is_llama_compatible(model.cfg) else bifocal_name
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
             continue  # transformers re-ties it from the embedding
-        key = native_to_llama_name(name) if llama else f"model.{name}"
-        out[key] = t.detach().to(device="cpu", dtype=dtype).contiguous()
+        out[rename(name)] = t.detach().to(device="cpu", dtype=dtype).contiguous()
     return out
 
 
@@ -120,10 +138,7 @@ def native_state_dict(hf_sd: dict[str, Tensor], model_type: str) -> dict[str, Te
     if model_type == "llama":
         return {llama_to_native_name(k): v for k, v in hf_sd.items()}
     if model_type == "bifocal":
-        bad = [k for k in hf_sd if not k.startswith("model.")]
-        if bad:
-            raise ValueError(f"bifocal weight {bad[0]!r} lacks the `model.` prefix")
-        return {k[len("model."):]: v for k, v in hf_sd.items()}
+        return {native_bifocal_name(k): v for k, v in hf_sd.items()}
     raise ValueError(f"model_type {model_type!r} is neither llama nor bifocal")
 
 
@@ -134,11 +149,11 @@ def load_native_state_dict_into_hf(hf_model: torch.nn.Module, native_sd: dict[st
     if model_type == "llama":
         mapped = {native_to_llama_name(k): v for k, v in native_sd.items()}
     elif model_type == "bifocal":
-        mapped = {f"model.{k}": v for k, v in native_sd.items()}
+        mapped = {bifocal_name(k): v for k, v in native_sd.items()}
     else:
         raise ValueError(f"cannot load bifocal weights into model_type {model_type!r}")
     missing, unexpected = hf_model.load_state_dict(mapped, strict=False)
-    tied = {"lm_head.weight", "model.lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
+    tied = {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -165,7 +180,19 @@ def llama_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
     hf.dtype = dtype
     out = hf.to_dict()
     out["bifocal_max_seq_len"] = cfg.max_seq_len  # the training length, when the context says more
+    out.update(legacy_rope_keys(rope_parameters, dtype))
     return out
+
+
+def legacy_rope_keys(rope_parameters: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The same rotation and dtype under transformers 4.x's keys (`rope_theta`, `rope_scaling`,
+    `torch_dtype`): 4.x ignores `rope_parameters` and would otherwise load a scaled or re-based
+    rope model with the default rotation and no error. transformers 5 reads these too (they take
+    precedence there), so they must say exactly what `rope_parameters` says."""
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    legacy_scaling = None if scaling["rope_type"] == "default" else {**scaling, "type": scaling["rope_type"]}
+    return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": legacy_scaling,
+            "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
+from .compat import require_transformers
 from .spectral_attention import SURGERY_KEY, apply_surgery
+
+require_transformers()
 
 
 def _spectralize_from_config(model) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..config import GPTConfig, PositionConfig
 from ..position import make_context
 from ..position.spectral import SpectralRotary
+from .compat import one_cache
 
 SURGERY_KEY = "bifocal_surgery"  # config attribute recording how a model was spectralized
 
@@ -81,27 +82,26 @@ class SpectralAttention(nn.Module):
             if ref.device.type != "meta":
                 self.position.to(device=ref.device)
 
-    def _positions(self, T: int, device: torch.device, past_key_values: Any, position_ids: Tensor | None) -> Tensor:
-        # Scores depend on m - n only, so any consistent offset is exact; per-row position_ids
-        # (left padding) fall back to cache length + arange, which preserves each row's m - n.
-        if position_ids is not None and position_ids.shape[0] == 1:
-            return position_ids[0].to(device)
-        past = int(past_key_values.get_seq_length(self.layer_idx)) if past_key_values is not None else 0
-        return torch.arange(past, past + T, device=device)
-
     def forward(self, hidden_states: Tensor, position_embeddings: Any = None, attention_mask: Tensor | None = None,
-                past_key_values: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+                past_key_values: Any = None, cache: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """The decoder layer's call, as transformers' Llama attention takes it: the KV cache under
+        either name (`cache` from transformers 5.24 on), positions from `position_ids` (B, T), or
+        the cache length onwards; `position_embeddings` (the model-wide RoPE table) is unused."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        cache = one_cache(cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        positions = self._positions(q.shape[2], q.device, past_key_values, kwargs.get("position_ids"))
-        q, k = self.position(q, k, make_context(self.bifocal_cfg, positions))
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            past = int(cache.get_seq_length(self.layer_idx)) if cache is not None else 0
+            positions = torch.arange(past, past + q.shape[2], device=q.device)
+        q, k = self.position(q, k, make_context(self.bifocal_cfg, positions.to(q.device)))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
         out, weights = attention(
             self, q, k, v, attention_mask,
