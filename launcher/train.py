@@ -211,6 +211,7 @@ def train(state: TrainState) -> float | None:
     progress, validation, checkpoints = Progress(state, metrics), Validation(state, metrics), Checkpoints(state)
     stop = StopFlag()
     stop.install()
+    failing = True
     try:
         while state.step < state.cfg.train.max_steps:
             progress.before_step(state)
@@ -224,9 +225,10 @@ def train(state: TrainState) -> float | None:
                     print(f"\nbifocal: stopped by signal at step {state.step}; checkpoint {checkpoints.last} "
                           f"(continue with --resume)", flush=True)
                 break
+        failing = False
     finally:
         progress.close()
-        metrics.close()
+        metrics.close(quiet=failing)  # a run failing with its own error line gets no more lines
     return validation.last_loss
 
 
@@ -247,10 +249,16 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def finish(run_dir: Path, step: int, val_loss: float | None, seq_len: int) -> None:
-    """Rank 0: summary.json, the loss curve, and where everything is."""
-    png = plot_loss(run_dir)
+    """Rank 0: summary.json, the loss curve, and where everything is. The checkpoints are
+    complete by now: a file here that cannot be written is a warning, not a failed run."""
     summary = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    png = None
+    try:
+        png = plot_loss(run_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    except OSError as exc:
+        print(f"bifocal: warning: {exc.filename or run_dir}: cannot be written ({exc.strerror}); "
+              "the checkpoints are complete", file=sys.stderr, flush=True)
     latest = checkpoint.latest_checkpoint(run_dir)
     ppl = f"{summary['val_ppl']:.2f}" if val_loss is not None else "n/a"
     print(f"\nbifocal: finished at step {step}: validation loss {val_loss if val_loss is None else round(val_loss, 4)}, "

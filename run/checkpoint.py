@@ -8,12 +8,14 @@ it, so a run killed mid-save resumes from the previous checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,25 +89,84 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int,
          info: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint path."""
+    """Collective: every rank calls it. Returns the checkpoint path.
+
+    An I/O failure on any rank (no space, a quota, a read-only, vanished or unwritable run
+    directory) removes the partial checkpoint and raises one BifocalError on every rank naming the
+    path, what failed and the newest complete checkpoint, which stays as it was. (DeepSpeed's own
+    barriers inside `save_checkpoint` assume every rank returns: a failure on one rank only, before
+    them, waits for the process group's timeout.)"""
     root = checkpoint_dir(run_dir)
-    tag = tag_for(step)
+    path = root / tag_for(step)
     # Each rank's RNG state travels in its own client state (DeepSpeed writes rank 0's into the
     # model file), so keep them per rank in a side file as well.
     # DeepSpeed's universal-checkpoint converter requires this metadata to be present.
     client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
-    rng_path = root / tag / f"rng_rank{dist.rank():05d}.pt"
-    torch.save(rng_state(), rng_path)
-    dist.barrier()
+
+    def states() -> None:
+        if not (Path(run_dir) / "config.yaml").is_file():  # DeepSpeed would make a new, bare run directory
+            raise FileNotFoundError(errno.ENOENT, "the run directory vanished (its config.yaml is gone)", str(run_dir))
+        engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=True)
+        torch.save(rng_state(), path / f"rng_rank{dist.rank():05d}.pt")
+
+    def marker() -> None:
+        if dist.rank() == 0:
+            tmp = path / (MARKER + ".tmp")
+            tmp.write_text(json.dumps({"step": step, "world_size": dist.world_size(), **(info or {})}, indent=1))
+            os.replace(tmp, path / MARKER)
+
+    _write_or_fail(states, run_dir, path, "writing the model and optimizer states")
+    _write_or_fail(marker, run_dir, path, f"writing its {MARKER} marker")
     if dist.rank() == 0:
-        marker = {"step": step, "world_size": dist.world_size(), **(info or {})}
-        tmp = root / tag / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker, indent=1))
-        os.replace(tmp, root / tag / MARKER)
         _prune(run_dir, keep_last)
     dist.barrier()
-    return root / tag
+    return path
+
+
+def _write_or_fail(write, run_dir: str | Path, path: Path, what: str) -> None:
+    """Run `write` on every rank and agree (one all-reduce) whether any rank failed; if one did,
+    rank 0 removes the partial checkpoint and every rank raises the same kind of one-line error.
+    torch and DeepSpeed report a full disk as a RuntimeError of their stream writer."""
+    try:
+        write()
+        failure = None
+    except (OSError, RuntimeError) as exc:
+        failure = exc
+    if not dist.all_reduce_sum([float(failure is not None)])[0]:
+        return
+    if failure is None:
+        reason = "another rank failed"
+    elif isinstance(failure, OSError) and failure.strerror:
+        reason = f"{failure.strerror}: {failure.filename}" if failure.filename else failure.strerror
+    else:  # DeepSpeed and torch's writer hide the OS's reason: ask the OS where the checkpoint goes
+        reason = _unwritable(path) or f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0][:200]}"
+    if dist.rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    try:
+        free = f"; {shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free:,} bytes free there"
+    except OSError:
+        free = ""
+    try:
+        latest = latest_checkpoint(run_dir)
+    except (BifocalError, OSError):
+        latest = None
+    raise BifocalError(f"checkpoint {path} not saved: {what} failed ({reason}{free}); the partial checkpoint "
+                       f"was removed; newest complete checkpoint: {latest[1] if latest else 'none'}"
+                       f"{' (continue from it with --resume once there is room)' if latest else ''}")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why no file can be created where `path` is (its nearest existing folder), as the OS says it
+    (a read-only filesystem, a permission); None if one can (then it is rather a full disk)."""
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            return None
+    except OSError as exc:
+        return f"{exc.strerror}: {where}"
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:

@@ -4,7 +4,10 @@ and optionally the same scalars in Weights & Biases."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +126,30 @@ def require_wandb(project: str | None) -> None:
         raise BifocalError(f"train.wandb_project={project!r} needs wandb: pip install 'bifocal[wandb]'") from None
 
 
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard writes events from a background thread; when a write fails there (a full disk),
+    the thread dies printing a traceback, and the writer raises the same error on its next call in
+    the training thread, where MetricsLogger reports it in one line. Silence the thread's copy."""
+    default = threading.excepthook
+    if getattr(default, "bifocal_quiet_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            default(args)
+
+    hook.bifocal_quiet_tensorboard = True
+    threading.excepthook = hook
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger. `config` (the run config as a dict) goes to
     TensorBoard's hyperparameters and to W&B; `wandb_project` turns W&B logging on (the same
-    scalars as TensorBoard; WANDB_MODE=offline works without an account)."""
+    scalars as TensorBoard; WANDB_MODE=offline works without an account).
+
+    Logging never takes a run down: a destination that fails (a full disk, a vanished directory,
+    W&B's service) is reported in one warning line and dropped; training goes on, and whether
+    checkpoints can still be written decides whether the run does (run/checkpoint.py)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, config: dict | None = None,
                  wandb_project: str | None = None, resume: bool = False) -> None:
@@ -135,60 +158,86 @@ class MetricsLogger:
         self.config = config or {}
         self.tb = None
         self.wandb = None
+        self.jsonl = enabled
         self.last: dict[str, float] = {}
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            _quiet_tensorboard_threads()
+            with self._guard("tb", "TensorBoard events"):
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if enabled and wandb_project:
             import wandb
 
             # The run directory's name is the W&B run id, so a resumed run continues its own curves.
-            self.wandb = wandb.init(project=wandb_project, name=run_dir.name, id=run_dir.name, dir=str(run_dir),
-                                    config=self.config, resume="allow" if resume else None)
+            with self._guard("wandb", "Weights & Biases"):
+                self.wandb = wandb.init(project=wandb_project, name=run_dir.name, id=run_dir.name,
+                                        dir=str(run_dir), config=self.config, resume="allow" if resume else None)
+
+    @contextlib.contextmanager
+    def _guard(self, sink: str, what: str, quiet: bool = False):
+        """Drop a failing destination (`sink`: the attribute that holds it) with one warning line."""
+        try:
+            yield
+        except Exception as exc:  # OSError from a full disk; tensorboard and wandb raise their own kinds
+            setattr(self, sink, False if sink == "jsonl" else None)
+            if not quiet:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                print(f"bifocal: warning: {what} cannot be written ({type(exc).__name__}: {reason}); "
+                      "logging there stops, training goes on", file=sys.stderr, flush=True)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.jsonl:
+            with self._guard("jsonl", str(self.path)), self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         step = record["step"]
         scalars = {(f"train/{key}" if not key.startswith("val") else f"val/{key}"): value
                    for key, value in record.items()
                    if key != "step" and isinstance(value, (int, float)) and value == value}
         self.last.update(scalars)
         if self.tb is not None:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, step)
+            with self._guard("tb", "TensorBoard events"):
+                for key, value in scalars.items():
+                    self.tb.add_scalar(key, value, step)
         if self.wandb is not None and scalars:
-            self.wandb.log(scalars, step=step)
+            with self._guard("wandb", "Weights & Biases"):
+                self.wandb.log(scalars, step=step)
 
     def spectral(self, step: int, snapshot: dict[str, np.ndarray], init_freq: np.ndarray,
                  n_head: int | None = None) -> None:
         if not (self.enabled and self.tb is not None and snapshot):
             return
-        for name, values in snapshot.items():
-            short = name.replace("blocks.", "layer").replace(".attn.position.", "/")
-            finite = values[np.isfinite(values)]  # a diverged run must still log what it can
-            if finite.size:
-                self.tb.add_histogram(f"spectral/{short}", finite, step)
-        if any(k.endswith(".omega") for k in snapshot):
-            import matplotlib.pyplot as plt
+        with self._guard("tb", "TensorBoard events"):
+            for name, values in snapshot.items():
+                short = name.replace("blocks.", "layer").replace(".attn.position.", "/")
+                finite = values[np.isfinite(values)]  # a diverged run must still log what it can
+                if finite.size:
+                    self.tb.add_histogram(f"spectral/{short}", finite, step)
+            if any(k.endswith(".omega") for k in snapshot):
+                import matplotlib.pyplot as plt
 
-            fig = frequency_figure(snapshot, init_freq, n_head)
-            self.tb.add_figure("spectral/frequencies_vs_rope", fig, step)
-            plt.close(fig)
+                fig = frequency_figure(snapshot, init_freq, n_head)
+                try:
+                    self.tb.add_figure("spectral/frequencies_vs_rope", fig, step)
+                finally:
+                    plt.close(fig)
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close every destination; `quiet` (the run is already failing with its own
+        error) drops a failing one without a warning."""
         if self.tb is not None:
-            if self.config:  # the run's hyperparameters against its final numbers (HPARAMS tab)
-                final = {f"hparam/{k.split('/')[-1]}": v for k, v in self.last.items()
-                         if k.endswith(("/loss", "/val_loss", "/val_ppl"))}
-                self.tb.add_hparams(flat_hparams(self.config), final, run_name=".")
-            self.tb.flush()
-            self.tb.close()
+            with self._guard("tb", "TensorBoard events", quiet):
+                if self.config:  # the run's hyperparameters against its final numbers (HPARAMS tab)
+                    final = {f"hparam/{k.split('/')[-1]}": v for k, v in self.last.items()
+                             if k.endswith(("/loss", "/val_loss", "/val_ppl"))}
+                    self.tb.add_hparams(flat_hparams(self.config), final, run_name=".")
+                self.tb.flush()
+                self.tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            with self._guard("wandb", "Weights & Biases", quiet):
+                self.wandb.finish()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -95,7 +95,7 @@ class RunLock:
         self._held = False
         try:
             self.path.unlink()
-        except FileNotFoundError:
+        except OSError:  # gone with its directory, or a read-only filesystem: nothing left to release
             pass
         for directory in self._created:  # made only for the lock: leave no trace if nothing else was written
             try:

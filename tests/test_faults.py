@@ -431,3 +431,146 @@ def test_jsonl_starting_with_null_is_one_line_not_a_crash(tmp_path):
     (tmp_path / "null.yaml").write_text(yaml.safe_dump(cfg))
     line = one_error_line(run_cli(["prepare", str(tmp_path / "null.yaml")], tmp_path, check=False))
     assert "null.jsonl: line 1 is null, not an object" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O faults during a run (issue 21, kind 5): real small filesystems (tmpfs, mounted by the test
+# as root, as CI runs), a run directory removed mid-run, and logging on a full filesystem.
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(nbytes) -> a fresh tmpfs of that size; remount(path, nbytes) resizes one."""
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def mount(nbytes: int) -> Path:
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    def remount(where: Path, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
+
+    mount.remount = remount
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _disk_bytes(root: Path) -> int:
+    """What files under root take on a tmpfs (whole 4 KiB pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in root.rglob("*") if p.is_file())
+
+
+FULL_DISK_SETS = ["model.n_layer=2", "model.d_model=128", "train.save_every=5", "train.eval_every=0",
+                  "train.keep_last=3"]
+
+
+def test_full_disk_mid_run_is_one_line_removes_the_partial_checkpoint_and_resumes(tiny_config, tmp_path, small_fs):
+    """The issue's run: step 5's checkpoint fits, step 10's does not. One line naming the checkpoint,
+    what failed and the newest complete checkpoint, exit 2, no partial step_00000010 left holding
+    space; after space is freed, --resume continues from step 5 to the end."""
+    sets = [a for s in FULL_DISK_SETS for a in ("--set", s)]
+    ref = tmp_path / "ref"
+    run_cli(["train", "--config", str(tiny_config), "--run-dir", str(ref), *sets, "--set", "train.max_steps=5"], tmp_path)
+    ckpt = _disk_bytes(ref / "checkpoints" / "step_00000005")
+    fs = small_fs(_disk_bytes(ref) + ckpt // 2)  # room for step 5's checkpoint, not for step 10's too
+    run_dir = fs / "run"
+    proc = run_cli(["train", "--config", str(tiny_config), "--run-dir", str(run_dir), *sets,
+                    "--set", "train.max_steps=10"], tmp_path, check=False)
+    line = one_error_line(proc)
+    assert f"checkpoint {run_dir / 'checkpoints' / 'step_00000010'} not saved" in line
+    assert "bytes free there" in line and "the partial checkpoint was removed" in line
+    assert f"newest complete checkpoint: {run_dir / 'checkpoints' / 'step_00000005'}" in line
+    assert not (run_dir / "checkpoints" / "step_00000010").exists()
+    assert checkpoint_steps(run_dir) == [5]
+    small_fs.remount(fs, f"size={4 * _disk_bytes(ref) + (1 << 20)}")  # space freed
+    run_cli(["train", "--resume", "--run-dir", str(run_dir)], tmp_path)
+    assert checkpoint_steps(run_dir) == [5, 10]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
+
+
+def _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config),
+                             "--run-dir", str(run_dir), "--set", "train.max_steps=100000", "train.save_every=2",
+                             "train.eval_every=0"], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints").is_dir() or not checkpoint_steps(run_dir):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    return proc, log
+
+
+@pytest.mark.parametrize("fault", ["read_only", "vanished"])
+def test_run_directory_turning_read_only_or_vanishing_mid_run_is_one_line(tiny_config, tmp_path, small_fs, fault):
+    """The run directory's filesystem remounted read-only (or the directory removed) while the run
+    trains: the next checkpoint fails with one line and exit 2, no traceback; the logging that
+    fails first is dropped with a warning instead of taking the run down by itself."""
+    import subprocess
+
+    fs = small_fs(256 << 20) if fault == "read_only" else tmp_path
+    run_dir = fs / "run"
+    proc, log = _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir)
+    try:
+        newest = checkpoint_steps(run_dir)[-1]
+        if fault == "read_only":
+            small_fs.remount(fs, "ro")
+        else:
+            shutil.rmtree(run_dir)
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
+    line = one_error_line(result)
+    assert "not saved: writing the model and optimizer states failed" in line
+    if fault == "read_only":
+        assert "Read-only file system" in line
+        # what was complete before stays complete (the newest may be pruned only by a later save)
+        assert checkpoint_steps(run_dir)[-1] >= newest
+        assert "newest complete checkpoint: " + str(run_dir / "checkpoints") in line
+    else:
+        assert "the run directory vanished" in line and "newest complete checkpoint: none" in line
+        assert not run_dir.exists()  # nothing recreated it
+
+
+def test_logging_on_a_full_filesystem_does_not_take_the_run_down(tiny_config, tmp_path, small_fs):
+    """metrics.jsonl and TensorBoard's events on a full filesystem, checkpoints on one with room:
+    each logging destination fails with one warning line and the run trains to the end."""
+    fs = small_fs(64 << 10)
+    fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # fill it to the last page
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (fs / "tb").mkdir()
+    os.symlink(fs / "metrics.jsonl", run_dir / "metrics.jsonl")  # dangling until the run writes it
+    os.symlink(fs / "tb", run_dir / "tensorboard")
+    proc = run_cli(["train", "--config", str(tiny_config), "--run-dir", str(run_dir), "--set", "train.max_steps=4",
+                    "train.save_every=2", "train.eval_every=2"], tmp_path)
+    warnings = [x for x in proc.stderr.splitlines() if x.startswith("bifocal: warning:")]
+    assert any(str(run_dir / "metrics.jsonl") in w and "No space left on device" in w for w in warnings), proc.stderr
+    assert any("TensorBoard events cannot be written" in w for w in warnings), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert checkpoint_steps(run_dir) == [2, 4] and "finished at step 4" in proc.stdout
