@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from .config import SourceConfig
 from bifocal.core.errors import BifocalError
@@ -240,28 +240,27 @@ def _json_rows(path: Path, field: str, where: str, keys: _Keys) -> Iterator[Docu
     line = 0
     try:
         with _open_binary(path) as f:
-            head = f.peek(64)[:64].lstrip() if hasattr(f, "peek") else b""
-            lines: Iterable[bytes] = f
-            if head.startswith(b"["):  # a JSON array of objects: one "line" per element
+            if f.peek(64)[:64].lstrip().startswith(b"["):  # a JSON array of objects
                 text, repaired = _decode(f.read())
-                items = _loads(text, f"{where}: line 1")
+                items = _loads(text, where)
                 if not isinstance(items, list):
                     raise BifocalError(f"{where}: expected JSON lines or an array of objects")
                 for i, row in enumerate(items):
-                    yield _document(_text_value(row, field, f"{where}: element {i}"), repaired,
-                                    row.get("source"), keys)
+                    yield _record(row, field, f"{where}: element {i}", repaired, keys)
                 return
-            for line, raw in enumerate(lines, start=1):
-                if not raw.strip():
-                    continue
-                text, repaired = _decode(raw)
-                row = _loads(text, f"{where}: line {line}")
-                yield _document(_text_value(row, field, f"{where}: line {line}"), repaired,
-                                row.get("source") if field != "source" else None, keys)
+            for line, raw in enumerate(f, start=1):
+                if raw.strip():
+                    text, repaired = _decode(raw)
+                    yield _record(_loads(text, f"{where}: line {line}"), field, f"{where}: line {line}", repaired, keys)
     except BifocalError:
         raise
     except Exception as exc:  # damaged compression, unreadable file
         raise BifocalError(f"{where}: cannot read line {line + 1} ({_first_line(exc)})") from None
+
+
+def _record(row: Any, field: str, at: str, repaired: bool, keys: _Keys) -> Document:
+    text = _text_value(row, field, at)
+    return _document(text, repaired, row.get("source") if field != "source" else None, keys)
 
 
 def _loads(text: str, where: str) -> Any:

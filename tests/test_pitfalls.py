@@ -279,6 +279,12 @@ def test_errors_name_the_file_and_the_row(tmp_path):
     pq.write_table(pa.table({"text": pa.array(values[:299] + [None] + values[300:])}), tmp_path / "n.parquet")
     with pytest.raises(BifocalError, match=r"n\.parquet: row 299 has no value for field 'text'"):
         list(read_source(SourceConfig(name="n", path=str(tmp_path / "n.parquet"))))
+    # a .json file holding one array of objects is read too, its elements named by index
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}, {"content": "three"}], indent=1))
+    with pytest.raises(BifocalError, match=r"a\.json: element 2 has no field 'text' \(fields: content\)"):
+        list(read_source(SourceConfig(name="a", path=str(tmp_path / "a.json"))))
+    assert [d.text for d in read_source(SourceConfig(name="a", path=str(tmp_path / "a.json"), max_documents=2))] == [
+        "one", "two"]
 
 
 # ---------------------------------------------------------------------------------------------
