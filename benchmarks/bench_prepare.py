@@ -115,6 +115,8 @@ def run_shapes(sizes_mb: list[float], tokenizers: list[str], shapes: list[str], 
                     row = {"shape": shape, "tokenizer": kind, "text_mb": round(meta["text_bytes"] / 1e6, 2),
                            "wall_s": round(wall, 2), "wall_mb_per_s": round(meta["text_bytes"] / 1e6 / wall, 3),
                            "tokenize_mb_per_s": meta["mb_per_s"], "cpu_s": round(cpu, 1),
+                           # on a shared machine, MB per CPU-second is the stable figure
+                           "mb_per_cpu_s": round(meta["text_bytes"] / 1e6 / max(cpu, 1e-9), 3),
                            "load_average_1m": round(os.getloadavg()[0], 2)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

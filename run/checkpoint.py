@@ -93,9 +93,9 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], k
 
     An I/O failure on any rank (no space, a quota, a read-only, vanished or unwritable run
     directory) removes the partial checkpoint and raises one BifocalError on every rank naming the
-    path, what failed and the newest complete checkpoint, which stays as it was. (DeepSpeed's own
-    barriers inside `save_checkpoint` assume every rank returns: a failure on one rank only, before
-    them, waits for the process group's timeout.)"""
+    path, what failed and the newest complete checkpoint, which stays as it was. The ranks agree
+    after each stage (directory, DeepSpeed's states, marker) with one all-reduce; a rank that fails
+    inside DeepSpeed's `save_checkpoint` first meets the others at its closing barrier."""
     root = checkpoint_dir(run_dir)
     path = root / tag_for(step)
     # Each rank's RNG state travels in its own client state (DeepSpeed writes rank 0's into the
@@ -103,10 +103,19 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], k
     # DeepSpeed's universal-checkpoint converter requires this metadata to be present.
     client_state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
-    def states() -> None:
-        if not (Path(run_dir) / "config.yaml").is_file():  # DeepSpeed would make a new, bare run directory
+    def directory() -> None:  # every rank, before DeepSpeed starts (it would make a new, bare run directory)
+        if not (Path(run_dir) / "config.yaml").is_file():
             raise FileNotFoundError(errno.ENOENT, "the run directory vanished (its config.yaml is gone)", str(run_dir))
-        engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=True)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+
+    def states() -> None:
+        try:
+            engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=True)
+        except (OSError, RuntimeError):
+            dist.barrier()  # the ranks that got through wait in DeepSpeed's closing barrier: meet them there
+            raise
         torch.save(rng_state(), path / f"rng_rank{dist.rank():05d}.pt")
 
     def marker() -> None:
@@ -115,6 +124,7 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], k
             tmp.write_text(json.dumps({"step": step, "world_size": dist.world_size(), **(info or {})}, indent=1))
             os.replace(tmp, path / MARKER)
 
+    _write_or_fail(directory, run_dir, path, "creating its directory")
     _write_or_fail(states, run_dir, path, "writing the model and optimizer states")
     _write_or_fail(marker, run_dir, path, f"writing its {MARKER} marker")
     if dist.rank() == 0:
@@ -200,7 +210,8 @@ def to_universal(path: Path) -> Path:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"converting {path} to a universal checkpoint failed: {tail[0]}")
-    shutil.copy(path / MARKER, tmp / MARKER)
+    for name in [MARKER, *(f.name for f in path.glob("rng_rank*.pt"))]:  # each rank's generators resume too
+        shutil.copy(path / name, tmp / name)
     os.replace(tmp, out)
     return out
 
@@ -222,22 +233,48 @@ def load(engine, run_dir: str | Path, path: Path) -> dict[str, Any]:
 
 
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of one checkpoint directory (any ZeRO stage), via DeepSpeed's own
-    consolidation for ZeRO and the model-states file otherwise."""
+    """Full weights of one checkpoint directory, in fp32, from the optimizer's fp32 master weights
+    wherever the checkpoint holds them, so `eval`, `export` and `generate` read the same numbers
+    whatever the ZeRO stage and precision. ZeRO 1-3 (fp32, bf16, fp16): DeepSpeed's own
+    consolidation, `get_fp32_state_dict_from_zero_checkpoint`. Without ZeRO: the module's weights
+    (in fp32 training they are the masters), with the masters of DeepSpeed's bf16/fp16 optimizer
+    wrapper put over them (`fp32_masters`). Raises BifocalError when the directory holds no
+    DeepSpeed model states or a file fails the restricted load."""
     path = Path(path)
     safe_load.verify(safe_load.checkpoint_files(path))
-    if any(path.glob("*optim_states.pt")) and any(path.glob("zero_pp_rank_*")):
+    files = sorted(path.glob("*model_states.pt"))
+    if not files:
+        raise BifocalError(f"no DeepSpeed model states in {path}")
+    states = safe_load.load(files[0], mmap=True)
+    zero = (states.get("ds_config") or {}).get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) > 0:
         # DeepSpeed narrates on stdout; keep stdout for what our commands print (e.g. generated text).
         with contextlib.redirect_stdout(sys.stderr), safe_load.restricted_loads():
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
-        files = sorted(path.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise BifocalError(f"no DeepSpeed model states in {path}")
-        state = safe_load.load(files[0])["module"]
+        state = {**states["module"], **fp32_masters(states, path)}
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def fp32_masters(states: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights in a ZeRO-0 model-states file, by name: DeepSpeed's bf16/fp16
+    wrapper (FP16_UnfusedOptimizer) saves them as `optimizer["fp32_groups"]`, lists in optimizer
+    group order without names; the `param_group_names` the run saved beside them name each
+    (a tied parameter under all of its names). Empty for fp32 training (no wrapper)."""
+    optimizer = states.get("optimizer")
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if not groups:
+        return {}
+    names = states.get("param_group_names")
+    if not names or [len(g) for g in names] != [len(g) for g in groups]:
+        print(f"bifocal: warning: {path}: its fp32 master weights are not named (a checkpoint of an older "
+              f"bifocal); reading the module's {states['module'][next(iter(states['module']))].dtype} weights",
+              file=sys.stderr, flush=True)
+        return {}
+    return {name: tensor for group_names, group in zip(names, groups)
+            for aliases, tensor in zip(group_names, group) for name in aliases}
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "cpu"):
