@@ -89,7 +89,8 @@ class Progress:
         The lr of every param group, from the torch optimizer the engine steps."""
         self.lrs = [float(g["lr"]) for g in state.scheduler.optimizer.param_groups]
         engine = state.engine
-        self.loss_scale = float(engine.optimizer.cur_scale) if engine.fp16_enabled() else None
+        # every DeepSpeed fp16 optimizer (fused, unfused, ZeRO 1-3) has the `loss_scale` property
+        self.loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
 
     def after_step(self, state: TrainState, result: StepResult) -> None:
         if result.finite:
@@ -236,15 +237,15 @@ def run(args: argparse.Namespace) -> Path:
     cfg, run_dir = resolve_run(args)
     dist.setup_environment(cfg.train.threads)
     device = dist.resolve_device(cfg.train.device)
-    dist.init_distributed(device)
-    lock = lock_run_dir(run_dir)
-    try:
-        state = setup(args, cfg, run_dir, device)
-        val_loss = train(state)
-        if state.is_main:
-            finish(run_dir, state.step, val_loss, cfg.model.max_seq_len)
-    finally:
-        lock.release()
+    with dist.process_group(device):
+        lock = lock_run_dir(run_dir)
+        try:
+            state = setup(args, cfg, run_dir, device)
+            val_loss = train(state)
+            if state.is_main:
+                finish(run_dir, state.step, val_loss, cfg.model.max_seq_len)
+        finally:
+            lock.release()
     return run_dir
 
 

@@ -163,7 +163,7 @@ def _write_or_fail(write, run_dir: str | Path, path: Path, what: str) -> None:
         latest = None
     raise BifocalError(f"checkpoint {path} not saved: {what} failed ({reason}{free}); the partial checkpoint "
                        f"was removed; newest complete checkpoint: {latest[1] if latest else 'none'}"
-                       f"{' (continue from it with --resume once there is room)' if latest else ''}")
+                       f"{' (fix the cause, then continue from it with --resume)' if latest else ''}")
 
 
 def _unwritable(path: Path) -> str | None:
