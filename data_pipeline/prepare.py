@@ -2,7 +2,8 @@
 
 Deduplication (`data.dedup`, on by default) comes first: a document whose content repeats an
 earlier one's, exactly or nearly (`dedup.py`), is dropped before it is split, so no content is in
-both splits or twice in one; meta.json counts the drops per source.
+both splits or twice in one; meta.json counts the drops per source. Synthetic task sources are not
+deduplicated: they repeat instances by design, and `synthetic.held_out` keeps test instances apart.
 
 Split rule (by document, never inside one): a document goes to `val` when
 sha1(source name + NUL + document key) read as a fraction in [0, 1) is below `val_fraction`; its key
@@ -165,7 +166,9 @@ def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
     dedup = Deduplicator() if cfg.dedup else None  # across sources: a later source's copies go too
     try:
         for src in cfg.sources:
-            sources.append(_tokenize_source(src, cfg.val_fraction, tok, tmp, dtype, run_id, bar, dedup))
+            # Synthetic tasks repeat instances by design (held-out ones are kept apart by synthetic.held_out).
+            sources.append(_tokenize_source(src, cfg.val_fraction, tok, tmp, dtype, run_id, bar,
+                                            dedup if src.synthetic is None else None))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

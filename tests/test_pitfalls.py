@@ -373,3 +373,14 @@ def test_a_3mb_line_without_whitespace_prepares_in_linear_time(tmp_path, kind):
     data = PreparedData(tmp_path / "out")
     texts = decoded(data, "s", "train")
     assert len(texts) == 301 and "x" * 3_000_000 in texts
+
+
+def test_synthetic_task_documents_are_not_deduplicated(tmp_path):
+    """A synthetic task repeats its few instances by design (sums mod 5 of one digit: 5 instances),
+    so its documents are nearly alike; deduplication leaves them alone."""
+    syn = {"task": "modular", "n_documents": 200, "seed": 0, "p": 5, "min_len": 1, "max_len": 1}
+    cfg = DataConfig(sources=[SourceConfig(name="mod", synthetic=syn)], tokenizer=TokenizerConfig(vocab_size=300),
+                     val_fraction=0.1)
+    data = PreparedData(prepare(cfg, tmp_path / "out"))
+    assert data.meta["duplicates"] == {"exact": 0, "near": 0}
+    assert sum(data.meta["splits"][sp]["documents"] for sp in ("train", "val")) == 200
