@@ -8,9 +8,20 @@ bifocal.launcher.cli` (where cli.py itself is `__main__`).
 """
 
 
+def escaped(text: str) -> str:
+    """`text` with every control or line-break character written as its escape, as `repr` writes
+    it (a newline as `\\n`, U+2028 as `\\u2028`): whatever a key, path, value or document a user
+    gave holds, a message that quotes it stays one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class BifocalError(ValueError):
     """Bad input or a run that cannot go on; the message is one line saying what and where.
 
-    Subclasses ValueError so code that validates generically (and Python's own dataclass
-    conventions) still catches it.
+    The message is escaped on construction (`escaped`), so user input quoted in it cannot break
+    the one-line rule. Subclasses ValueError so code that validates generically (and Python's own
+    dataclass conventions) still catches it.
     """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(escaped(str(message)), *args)

@@ -224,6 +224,12 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="bifocal.eval.generate:main")
 
 
+def _env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="versions of bifocal, Python, torch, DeepSpeed, transformers, ... and the "
+                                   "device (paste into bug reports)")
+    p.set_defaults(handler="bifocal.launcher.commands:env")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bifocal",
@@ -231,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bifocal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_prepare, _train, _config, _bench, _launch, _eval, _study, _export, _generate):
+    for add in (_prepare, _train, _config, _bench, _launch, _eval, _study, _export, _generate, _env):
         add(sub)
     return parser
 

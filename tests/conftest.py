@@ -13,6 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# Fuzz tests (tests/test_fuzz.py): CI runs a fixed set of examples (derandomized, so a red run is
+# reproducible and never random); BIFOCAL_FUZZ=random draws 20x more, new ones each run, by hand.
+settings.register_profile("ci", derandomize=True, max_examples=120, deadline=None, print_blob=True)
+settings.register_profile("random", derandomize=False, max_examples=2400, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("BIFOCAL_FUZZ", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"

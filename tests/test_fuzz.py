@@ -22,7 +22,9 @@ from bifocal.model.config import PositionConfig
 
 from tiny_models import prepared_task_data
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The number of examples and whether they are random come from the profile conftest.py loads.
+FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ_HALF = settings(FUZZ, max_examples=max(1, settings().max_examples // 2))
 
 scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
            | st.text(max_size=12) | st.sampled_from(["1e-3", "rope", "bifocal", "cpu", "[1, 2]", "x.yaml"]))
@@ -64,6 +66,24 @@ def test_config_loader_over_random_yaml(tmp_path, doc):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(doc))
     loads_or_one_line_error(path)
+
+
+@pytest.mark.parametrize("doc", [{"model": {"\n": None}}, {"train": {"max_steps\r": 1}}, {"\u2028": {}},
+                                 {"data": {"sources": [{"name": "a\nb", "path": "x\ny.jsonl"}]}}])
+def test_keys_and_values_with_line_breaks_give_one_line(tmp_path, doc):
+    """Found by the fuzz test in CI: a key holding a newline made a two-line error."""
+    path = tmp_path / "odd.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(BifocalError) as exc:
+        load_config(path)
+    assert str(exc.value).isprintable()
+
+
+def test_cli_error_with_a_newline_in_the_input_is_one_line(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(["train", "--print-config", "--set", "model.\nbad=1"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "model.\\nbad" in proc.stderr
 
 
 @FUZZ
@@ -166,7 +186,7 @@ def test_reader_over_random_bytes_in_each_file(prepared, tmp_path_factory, name,
 json_lines = st.lists(values.map(json.dumps) | st.text(max_size=30), max_size=5).map(lambda ls: "\n".join(ls).encode())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@FUZZ_HALF
 @given(ext=st.sampled_from(["jsonl", "txt", "jsonl.gz", "jsonl.zst", "parquet"]),
        data=st.binary(max_size=300) | json_lines, field=st.sampled_from([None, "text", "content"]))
 def test_source_reader_over_random_bytes(tmp_path, ext, data, field):

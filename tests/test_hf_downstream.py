@@ -233,3 +233,53 @@ def test_trl_sft_with_lora_trains_and_reloads(packing, exports, tmp_path):
             assert (merged(input_ids=x).logits - want).abs().max().item() <= 1e-4
     # Packed or not, the rope written as custom code trains exactly as Llama does.
     assert losses["rope-code"] == pytest.approx(losses["llama"], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "bifocal"])
+def test_standard_model_methods(name, exports, tmp_path):
+    """save_pretrained round trip, from_config, bf16 and device_map loading, resized embeddings,
+    assisted generation; a preallocated (static) cache is refused with one line."""
+    path, x = exports[name], ids(1, 10)
+    model = load(AutoModelForCausalLM, path).eval()
+    with torch.no_grad():
+        want = model(x).logits
+        model.save_pretrained(tmp_path / "again")
+        assert (load(AutoModelForCausalLM, tmp_path / "again")(x).logits - want).abs().max().item() == 0
+        bf16 = load(AutoModelForCausalLM, path, dtype=torch.bfloat16, device_map="cpu")
+        assert bf16.lm_head.weight.dtype == torch.bfloat16
+        assert (bf16(x).logits.float() - want).abs().max().item() < 0.05 * want.abs().max().item()
+        from transformers import AutoConfig
+
+        fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=True),
+                                                 trust_remote_code=True)
+        assert fresh(x).logits.shape == want.shape
+        greedy = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+        plain = model.generate(x, **greedy)
+        assert model.generate(x, assistant_model=load(AutoModelForCausalLM, path).eval(), **greedy).tolist() == plain.tolist()
+        assert model.generate(x, prompt_lookup_num_tokens=3, **greedy).tolist() == plain.tolist()
+        if name != "llama":
+            with pytest.raises(ValueError, match="dynamic KV cache only"):
+                model.generate(x, cache_implementation="static", **greedy)
+    model.resize_token_embeddings(330)
+    assert model(torch.randint(0, 330, (1, 5))).logits.shape == (1, 5, 330)
+
+
+def test_readme_finetune_example_runs(exports, tmp_path):
+    """The README's "Fine-tune an export" block, as written, on a tiny export."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("<!-- finetune-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"exports/demo"', repr(str(exports["bifocal"]))).replace(
+        '"data/nl_small_austen.jsonl.gz"', repr(str(AUSTEN)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    merged = load(AutoModelForCausalLM, tmp_path / "runs" / "finetune" / "merged").eval()
+    assert type(merged).__name__ == "BifocalForCausalLM"
+    before = load(AutoModelForCausalLM, exports["bifocal"]).eval()
+    with torch.no_grad():
+        assert (merged(ids()).logits - before(ids()).logits).abs().max().item() > 1e-4  # it trained

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-MIN_TRANSFORMERS = "5.0.0"
+MIN_TRANSFORMERS = "5.11.0"  # the first release that copies a local export's nested imports (5.0-5.10 do not)
 
 
 def require_transformers() -> None:

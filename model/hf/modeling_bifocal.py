@@ -48,7 +48,15 @@ class _CacheView:
         return int(self.cache.get_seq_length(layer))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cache.update(k, v, layer)
+        """Append this step's keys and values (B, H, T, d); returns all of them so far. A cache that
+        returns more (a preallocated static or sliding-window cache) would let attention read empty
+        slots, so it is refused."""
+        expected = self.layer_length(layer) + k.shape[2]
+        k, v = self.cache.update(k, v, layer)
+        if k.shape[2] != expected:
+            raise ValueError(f"bifocal models take transformers' dynamic KV cache only, not a preallocated one "
+                             f"({type(self.cache).__name__}, e.g. cache_implementation='static'); drop that option")
+        return k, v
 
 
 def packed_documents(position_ids: Tensor) -> Tensor:
@@ -127,6 +135,12 @@ class BifocalModel(BifocalPreTrainedModel):
             use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache()
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(f"bifocal models take transformers' dynamic KV cache only, not a preallocated one "
+                             f"({type(cache).__name__}, e.g. cache_implementation='static'); drop that option")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2D (batch, cached + new tokens), 1 at tokens and 0 at padding; "
+                             f"got shape {tuple(attention_mask.shape)}")
         tokens = input_ids if input_ids is not None else inputs_embeds
         B, T = tokens.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
