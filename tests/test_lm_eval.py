@@ -72,3 +72,40 @@ def test_lm_eval_max_length_is_the_declared_context(tiny_config, tmp_path):
         lm = HFLM(pretrained=str(export), trust_remote_code=scheme != "rope", device="cpu", batch_size=1)
         assert lm.max_length == expected == lm.tokenizer.model_max_length
         assert load_exported(export)[1].to_dict() == model.cfg.to_dict()  # the training length survives
+
+
+def test_lm_eval_generate_until_in_batches_matches_native_greedy(tiny_config, tmp_path, monkeypatch):
+    """generate_until at batch size 3 (lm-eval pads the prompts on the left) gives, for each prompt,
+    the native model's own greedy continuation."""
+    from lm_eval.tasks import TaskManager
+
+    from bifocal.data_pipeline.loader import PreparedData
+    from bifocal.eval.generate import generate
+    from bifocal.model import GPT, GPTConfig
+    from bifocal.model.hf.hf_io import save_hf
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = PreparedData(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]).tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_dict({"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "d_model": 32,
+                                     "position": {"scheme": "pope"}})).eval()
+    export = save_hf(model, tok, tmp_path / "export")
+    prompts = ["It is a truth universally", "def f(x):\n    return", "Mr. Darcy", "import os\nimport sys\n\ndef main("]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "local_gen.yaml").write_text(yaml.safe_dump({
+        "task": "bifocal_local_gen", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "gen.jsonl")}}, "test_split": "test",
+        "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "",
+        "generation_kwargs": {"until": ["<|never|>"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }))
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},trust_remote_code=True",
+                                  tasks=["bifocal_local_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  batch_size=3, device="cpu", log_samples=True)
+    samples = out["samples"]["bifocal_local_gen"]
+    assert len(samples) == len(prompts)
+    for sample in samples:
+        ids = tok.encode(sample["doc"]["prompt"])
+        native = generate(model, torch.tensor([ids]), 6, greedy=True)[0, len(ids):].tolist()
+        assert sample["resps"][0][0] == tok.decode(native)
