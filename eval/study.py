@@ -21,7 +21,7 @@ A study YAML (configs/study/*.yaml) holds:
       targets_per_doc: 512                 #   scores the same targets (tokens P .. P+N-1 of each document)
       max_docs: null                       # null: every validation document long enough
       max_tokens: null                     # a cap on scored tokens per length (breaks "same targets")
-      batch_size: 1
+      batch_size: null                     # windows per batch (null: about 16k tokens a batch)
     analysis:             # fixed before the run: the claims the report tests (significance.py)
       endpoints: {extrapolation: {multiples: [2, 4, 8, 16], protocol: "context>=0.75L"}}
       comparisons: [[bifocal, rope]]       # default: every label against rope
@@ -79,7 +79,7 @@ class StudyEval:
     targets_per_doc: int | None = None  # None: every target to the end of each document
     max_docs: int | None = None
     max_tokens: int | None = None  # a cap per length; the scored targets then differ between lengths
-    batch_size: int = 1
+    batch_size: int | None = None  # windows per batch; None: about 16k tokens a batch (perplexity.py)
     device: str | None = None
     # Evaluate the checkpoint saved at this training step instead of the final model (e.g. the
     # midpoint of the schedule); a run that already holds it is not trained further. Results and
