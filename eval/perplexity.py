@@ -11,8 +11,9 @@ The protocol, recorded in every row:
     window scores the targets after its predecessor's last, so every target is scored once, with
     C to L tokens of context. C = 1, S = L is the non-overlapping protocol (every position
     0 .. L-1, contexts 1 .. L mixed); C = 1, S < L is the sliding window of the Position
-    Interpolation and YaRN papers (its first window scores all L targets, later ones the last S);
-    C = 3L/4 scores every target with 3L/4 to L tokens of context.
+    Interpolation (arXiv:2306.15595) and YaRN (arXiv:2309.00071) evaluations (the first window
+    scores all L targets, later ones their last S); C = 3L/4 scores every target with 3L/4 to L
+    tokens of context.
   * `first_target` P and `targets_per_doc` N: document d's targets are its tokens
     P .. min(n_d - 1, P + N - 1). P defaults to the largest C over the requested lengths, so with
     documents of at least max(L) + 1 tokens every length scores the same targets; each row's
@@ -260,8 +261,8 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
     lengths = list(lengths)
     skip = on_skip or (lambda n, why: warnings.warn(f"length {n}: {why}", PerplexityWarning, stacklevel=3))
     contexts = {n: context_tokens(min_context, n) for n in lengths}
-    if first_target is None:  # the same targets at every length
-        first_target = max([c for n, c in contexts.items() if c <= n] or [1])
+    if first_target is None:
+        first_target = default_first_target(min_context, lengths)
     train_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     cache = None if callable(documents) else [np.asarray(d, dtype=np.int64) for d in documents]
     rows = []
@@ -298,6 +299,12 @@ def evaluate_perplexity(model: GPT, documents: Documents, lengths: Iterable[int]
     return rows
 
 
+def default_first_target(min_context: MinContext, lengths: list[int]) -> int:
+    """The largest minimum context over the lengths (those it fits): every length then scores the
+    same targets of documents long enough for the longest."""
+    return max([c for n in lengths if (c := context_tokens(min_context, n)) <= n] or [1])
+
+
 def matched_factor(length: int, train_len: int) -> float:
     """The scaling factor matched to a length: s = L / L_train, 1 at or below the training length."""
     return max(1.0, length / train_len)
@@ -312,9 +319,8 @@ def evaluate_scaled(model: GPT, documents: Documents, lengths: list[int], varian
         s = apply_scaling(model, variant, factor, lengths)
         rows = evaluate_perplexity(model, documents, lengths, **kwargs)
         return [dict(r, factor=s) for r in rows] if variant else rows
-    if kwargs.get("first_target") is None:  # as evaluate_perplexity would choose it for all lengths
-        kwargs["first_target"] = max([c for n in lengths if (c := context_tokens(kwargs.get("min_context"), n)) <= n]
-                                     or [1])
+    if kwargs.get("first_target") is None:  # chosen for all lengths, as one evaluate_perplexity call would
+        kwargs["first_target"] = default_first_target(kwargs.get("min_context"), lengths)
     rows = []
     for n in lengths:
         s = 1.0 if variant == "dynamic_ntk" else matched_factor(n, model.cfg.max_seq_len)
@@ -402,7 +408,8 @@ def parse_factor(text: str | float | None) -> float | str | None:
     try:
         factor = float(text)
     except ValueError:
-        raise BifocalError(f"--factor {text!r}: a number >= 1, or {MATCHED!r} (s = L / L_train at each length)") from None
+        raise BifocalError(f"--factor {text!r}: a number >= 1, or {MATCHED!r} (s = L / L_train at each "
+                           "length)") from None
     if not factor >= 1:
         raise BifocalError(f"--factor {text!r}: must be >= 1")
     return factor

@@ -165,12 +165,12 @@ def _targets(groups: dict[str, list[EvalResult]]) -> dict[str, Any]:
     (document, target) pairs, by the rows' `targets` digests; documents and targets per length."""
     rows = [row for g in groups.values() for r in g for row in r.rows]
     digests = {row.get("targets") for row in rows}
-    per_result = [{row.get("targets") for row in r.rows} for g in groups.values() for r in g]
+    per_result = [(label(r), {row.get("targets") for row in r.rows}) for g in groups.values() for r in g]
     ids = [row["doc_ids"] for row in rows if row.get("doc_ids")]
     return {"recorded": None not in digests,
             "same_everywhere": None not in digests and len(digests) == 1,
-            "same_per_model": None not in digests and all(len(d) == 1 for d in per_result),
-            "differ": sorted({label(r) for g in groups.values() for r in g if len({row.get("targets") for row in r.rows}) > 1}),
+            "same_per_model": None not in digests and all(len(d) == 1 for _, d in per_result),
+            "differ": sorted({name for name, d in per_result if len(d) > 1}),
             "docs": sorted({row.get("docs") for row in rows if row.get("docs") is not None}),
             "tokens": sorted({row["tokens"] for row in rows}),
             "duplicate_docs": max((len(d) - len(set(d)) for d in ids), default=0)}

@@ -350,7 +350,8 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
                         (["--rope-scaling", "yarn", "--factor", "big"], "--factor 'big'"),
                         (["--rope-scaling", "yarn", "--factor", "0.5"], "must be >= 1"),
                         (["--factor", "matched"], "--factor needs --rope-scaling")):
-        assert cli.main(["eval", "ppl", str(run_dir), "--lengths", "32", "--out", str(tmp_path / "y.json"), *flags]) == 2
+        args = ["eval", "ppl", str(run_dir), "--lengths", "32", "--out", str(tmp_path / "y.json"), *flags]
+        assert cli.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert what in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "y.json").exists()

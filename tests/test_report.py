@@ -253,7 +253,8 @@ def test_the_report_does_not_claim_the_same_targets_when_they_differ(evaluated, 
 def test_declared_analysis_through_the_command_line(evaluated, tmp_path, capsys):
     analysis = tmp_path / "analysis.yaml"
     analysis.write_text("analysis:\n  endpoints:\n    extrapolation: {multiples: [2, 4], protocol: 'context>=0.75L'}\n"
-                        "  comparisons: [[bifocal, rope], [rope+yarn(matched), rope], [rope+yarn(matched), rope+yarn(x4)]]\n")
+                        "  comparisons: [[bifocal, rope], [rope+yarn(matched), rope],\n"
+                        "                [rope+yarn(matched), rope+yarn(x4)]]\n")
     out = tmp_path / "rep"
     assert cli(["eval", "report", str(evaluated), "--out", str(out), "--analysis", str(analysis)]) == 0
     md = (out / "report.md").read_text()
@@ -284,10 +285,11 @@ def test_old_result_files_still_load_and_report():
     assert from_dict(data).protocol == "stride=64"
 
 
-@pytest.mark.parametrize("results", sorted(str(p.relative_to(Path(__file__).resolve().parents[1]))
-                                           for p in (Path(__file__).resolve().parents[1] / "docs").glob("*/**/results")))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("results", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*/**/results")))
 def test_committed_result_files_still_report(results, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    assert cli(["eval", "report", str(root / results), "--out", str(tmp_path / "rep")]) == 0
+    assert cli(["eval", "report", str(ROOT / results), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.startswith("# Evaluation report") and "## Task:" in md

@@ -137,8 +137,8 @@ def test_results_without_per_document_losses_use_seeds_only(groups):
 
 
 def test_one_seed_is_not_tested_and_missing_labels_are_listed(groups):
-    out = analyse({"windows": {"rope": groups["rope"][:1], "bifocal": groups["bifocal"][:1]}},
-                  parse_analysis({"endpoints": {"ext": [2]}, "comparisons": [["bifocal", "rope"], ["pope", "rope"]]}, "t"))
+    declared = parse_analysis({"endpoints": {"ext": [2]}, "comparisons": [["bifocal", "rope"], ["pope", "rope"]]}, "t")
+    out = analyse({"windows": {"rope": groups["rope"][:1], "bifocal": groups["bifocal"][:1]}}, declared)
     assert out["comparisons"][0]["verdict"] == "not tested" and out["tests"] == 0
     assert out["missing"] == ["ext: pope vs rope: no data for pope"]
 
