@@ -82,6 +82,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
             value = [from_dict(sub[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
         elif sub is not None and value is not None:
             value = from_dict(sub, value, path)
+        elif sub is not None and type(None) not in typing.get_args(hints.get(key)):
+            raise BifocalError(f"`{path}` must be a mapping, got null")
         else:
             value = _coerce(value, hints.get(key), path)
         kwargs[key] = value

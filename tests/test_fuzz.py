@@ -79,6 +79,14 @@ def test_keys_and_values_with_line_breaks_give_one_line(tmp_path, doc):
     assert str(exc.value).isprintable()
 
 
+@pytest.mark.parametrize("override", ["model.position=", "model.position=null", "data.tokenizer="])
+def test_a_null_section_is_refused_with_one_line(override):
+    """Found by the fuzz test: `--set model.position=` (null) reached the model as None."""
+    with pytest.raises(BifocalError, match="must be a mapping, got null"):
+        load_config(None, [override])
+    assert load_config(None, ["model.position.rope_scaling="]).model.position.rope_scaling is None  # optional: fine
+
+
 def test_cli_error_with_a_newline_in_the_input_is_one_line(tmp_path):
     from conftest import run_cli
 
