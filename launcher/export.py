@@ -61,7 +61,7 @@ def _export_spectralized(run_dir: Path, ckpt: Path, out: Path, dtype: str) -> No
     the consolidated weights, and save it back in Hugging Face format."""
     import torch
 
-    from bifocal.model.hf.hf_io import write_tokenizer
+    from bifocal.model.hf.hf_tokenizer import write_tokenizer
     from bifocal.model.surgery import load_spectralized
 
     info = json.loads((run_dir / "init_from_hf.json").read_text())

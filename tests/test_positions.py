@@ -105,3 +105,15 @@ def test_documents_without_boundaries_equal_plain_causal_attention():
     plain = model(x)[0]
     one_doc = model(x, documents=torch.zeros(2, 10, dtype=torch.long))[0]
     torch.testing.assert_close(plain, one_doc, atol=1e-6, rtol=1e-6)
+
+
+def test_spectral_rotary_without_spectral_heads_is_rope_bit_for_bit():
+    """The surgery path may build SpectralRotary with no spectral heads: it must rotate as RoPE."""
+    from bifocal.model.position import FixedRotary, SpectralRotary, make_context
+
+    cfg = GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_kv_head=2, d_model=32,
+                    position={"scheme": "bifocal", "spectral_heads": 0})
+    q, k = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8)
+    ctx = make_context(cfg, torch.arange(3, 10))
+    for got, want in zip(SpectralRotary(cfg)(q, k, ctx), FixedRotary()(q, k, ctx)):
+        assert torch.equal(got, want)

@@ -78,15 +78,8 @@ class SpectralRotary(PositionEncoding):
         d = self.omega_delta.float()
         return self.omega_init(d.device)[None, :] + d
 
-    def reset_phase(self, std: float) -> None:
-        with torch.no_grad():
-            self.phase.normal_(0.0, std) if std > 0 else self.phase.zero_()
-
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         """q (B, n_head, T, d), k (B, n_kv_head, T, d) at ctx.positions (B or 1, T) -> rotated q, k."""
-        if self.n_spectral == 0:
-            cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
-            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         pos = ctx.positions.to(torch.float32)
         omega = self.omega
         k_angles = pos[:, None, :, None] * omega[None, :, None, :]              # (B, Hs_kv, T, d/2)

@@ -1,0 +1,46 @@
+"""The README.md model card of an export: format, position scheme, sizes, usage, and what the
+caller adds (training config, final metrics)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..gpt import GPT
+
+def model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) -> str:
+    cfg = model.cfg
+    pos = cfg.position
+    trust = "" if fmt == "llama" else ", trust_remote_code=True"
+    scheme = pos.scheme + (f" ({cfg.n_spectral_heads} of {cfg.n_head} heads spectral per layer)"
+                           if pos.scheme == "bifocal" else "")
+    rows = [
+        ("format", "LlamaForCausalLM (no custom code)" if fmt == "llama" else "BifocalForCausalLM (custom code in this directory)"),
+        ("position scheme", scheme), ("rope base", pos.rope_base),
+        ("rope scaling", pos.rope_scaling and json.dumps(pos.rope_scaling if isinstance(pos.rope_scaling, dict) else vars(pos.rope_scaling))),
+        ("layers", cfg.n_layer), ("d_model", cfg.d_model), ("heads (q / kv)", f"{cfg.n_head} / {cfg.n_kv_head}"),
+        ("head dim", cfg.head_dim), ("SwiGLU hidden", cfg.d_ff), ("vocab", cfg.vocab_size),
+        ("training length", cfg.max_seq_len), ("tied embeddings", cfg.tie_embeddings),
+        ("parameters", f"{model.num_params(non_embedding=False):,} ({model.num_params():,} non-embedding)"),
+        ("weights dtype", str(dtype).replace("torch.", "")),
+    ]
+    about = {
+        "rope": "every head uses fixed RoPE",
+        "spectral": "every head uses learnable Spectral-RoPE (frequency Omega, amplitude A, phase Phi)",
+        "bifocal": "per layer, some heads use fixed RoPE and the others learnable Spectral-RoPE (Omega, A, Phi)",
+        "pope": "PoPE polar position embeddings with learnable key phase offsets",
+        "nope": "no position encoding (the causal mask alone carries order)",
+    }[pos.scheme]
+    lines = ["---", "library_name: transformers", f"tags: [bifocal, causal-lm, position-{pos.scheme}]", "---", "",
+             f"# bifocal GPT, `{pos.scheme}` positions", "",
+             f"A decoder-only GPT (pre-norm RMSNorm, SwiGLU, Llama layout) trained with bifocal; {about}.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f"tok = AutoTokenizer.from_pretrained(path{trust})",
+              f"model = AutoModelForCausalLM.from_pretrained(path{trust})", "```", ""]
+    for key, value in (extra or {}).items():
+        title = key.replace("_", " ").capitalize()
+        lines += [f"## {title}", "", "```json", json.dumps(value, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
