@@ -224,6 +224,17 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="bifocal.eval.generate:main")
 
 
+def _estimate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate", help="memory per rank, the largest micro-batch that fits and tokens/s of a run "
+                                        "config on a named GPU, without one")
+    _add_config_args(p)
+    p.add_argument("--device", default="h100-80gb", help="GPU model and memory, e.g. h100-80gb, a100-40gb (an "
+                                                         "unknown name lists them all)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for tokens/s")
+    p.set_defaults(handler="bifocal.launcher.estimate:main")
+
+
 def _env(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("env", help="versions of bifocal, Python, torch, DeepSpeed, transformers, ... and the "
                                    "device (paste into bug reports)")
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bifocal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_prepare, _train, _config, _bench, _launch, _eval, _study, _export, _generate, _env):
+    for add in (_prepare, _train, _config, _bench, _estimate, _launch, _eval, _study, _export, _generate, _env):
         add(sub)
     return parser
 

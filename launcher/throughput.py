@@ -17,9 +17,11 @@ import torch
 # matmuls (no TF32); the first matching name wins, so more specific names come first.
 PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
     ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),    # SXM
     ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
 ]
 
 
