@@ -1,10 +1,13 @@
 """Read a prepared directory: validation, counter-based window sampling, whole documents.
 
-WindowSampler is stateless apart from a micro-batch counter `c`: global micro-batch c is
-micro_batch * world_size windows drawn from np.random.default_rng([seed, c]) (a source by weight,
-then a uniform start in that source's split), and rank r takes rows [r*mb, (r+1)*mb). So ranks are
-disjoint, one process with 2*mb sees the union of two ranks with mb, and resume is exact from
-{"counter": c}. Shards are memory-mapped; only the sampled windows are read.
+WindowSampler is stateless apart from a micro-batch counter `c`. Optimizer step s = c // grad_accum
+draws its whole global batch, micro_batch * world_size * grad_accum windows, from
+np.random.default_rng([seed, s]) (a source by weight, then a uniform start in that source's split),
+and micro-batch m = c % grad_accum of rank r takes rows [(m*world_size + r)*mb, ... + mb). So ranks
+are disjoint, every split of one global batch (ranks x micro_batch x grad_accum) trains on the same
+windows at every step (one process with 4 x 2 accumulated, two ranks with 2 x 2 or 4 x 1), and resume
+is exact from {"counter": c} under any such split; with grad_accum 1 step s is global micro-batch s.
+Shards are memory-mapped; only the sampled windows are read.
 """
 
 from __future__ import annotations
@@ -126,11 +129,12 @@ class WindowSampler:
     """Random (seq_len + 1)-token windows, mixed across sources by weight; see the module docstring."""
 
     def __init__(self, data: PreparedData | str, split: str, seq_len: int, micro_batch: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None,
+                 grad_accum: int = 1) -> None:
         self.data = _as_data(data)
-        if seq_len < 1 or micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
+        if seq_len < 1 or micro_batch < 1 or world_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
             raise BifocalError(f"WindowSampler: invalid seq_len={seq_len}, micro_batch={micro_batch}, "
-                               f"rank={rank}, world_size={world_size}")
+                               f"rank={rank}, world_size={world_size}, grad_accum={grad_accum}")
         if split not in self.data.splits:
             raise BifocalError(f"{self.data.path}: no split {split!r} (have {', '.join(self.data.splits)})")
         w = dict(self.data.weights)
@@ -141,7 +145,7 @@ class WindowSampler:
                 raise BifocalError(f"weights: {name}={value} is invalid: must be >= 0")
             w[name] = float(value)
         self.split, self.seq_len, self.micro_batch = split, int(seq_len), int(micro_batch)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.seed, self.rank, self.world_size, self.grad_accum = int(seed), int(rank), int(world_size), int(grad_accum)
         names, arrays, probs = [], [], []
         for name, weight in w.items():
             if weight <= 0:
@@ -164,19 +168,27 @@ class WindowSampler:
         self._tokens = arrays
         self._starts = np.asarray([len(t) - seq_len for t in arrays], dtype=np.int64)  # valid starts per source
         self.counter = 0
+        self._drawn: tuple[int, np.ndarray, np.ndarray] | None = None  # the current step's draw
 
-    def draw(self, counter: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source index, window start) of all micro_batch * world_size samples of global batch `counter`."""
-        rng = np.random.default_rng([self.seed, counter])
-        n = self.micro_batch * self.world_size
-        src = rng.choice(len(self.sources), size=n, p=self.probs)
+    @property
+    def global_batch(self) -> int:
+        """Windows per optimizer step over all ranks."""
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    def draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, window start) of all `global_batch` samples of optimizer step `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        src = rng.choice(len(self.sources), size=self.global_batch, p=self.probs)
         starts = rng.integers(0, self._starts[src])
         return src, starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        src, starts = self.draw(self.counter)
+        step, micro = divmod(self.counter, self.grad_accum)
+        if self._drawn is None or self._drawn[0] != step:
+            self._drawn = (step, *self.draw(step))
+        _, src, starts = self._drawn
         self.counter += 1
-        lo = self.rank * self.micro_batch
+        lo = (micro * self.world_size + self.rank) * self.micro_batch
         rows = [self._tokens[s][t:t + self.seq_len + 1] for s, t in zip(src[lo:lo + self.micro_batch],
                                                                         starts[lo:lo + self.micro_batch])]
         for s, row in zip(src[lo:lo + self.micro_batch], rows):
@@ -186,14 +198,24 @@ class WindowSampler:
 
     def state_dict(self) -> dict:
         return {"counter": self.counter, "seed": self.seed, "split": self.split, "seq_len": self.seq_len,
-                "micro_batch": self.micro_batch, "world_size": self.world_size, "sources": list(self.sources)}
+                "micro_batch": self.micro_batch, "world_size": self.world_size, "grad_accum": self.grad_accum,
+                "sources": list(self.sources)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at the saved step under this sampler's split of the global batch; a state of
+        another seed, split or global batch is refused (it would not continue the same data order)."""
         for key in ("seed", "split"):
             if key in state and state[key] != getattr(self, key):
                 raise BifocalError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}; "
                                    "resuming would not continue the same data order")
-        self.counter = int(state["counter"])
+        accum = int(state.get("grad_accum", 1))  # older states: drawn per micro-batch, the same at grad_accum 1
+        saved = (int(state.get("micro_batch", self.micro_batch)), int(state.get("world_size", self.world_size)), accum)
+        step, micro = divmod(int(state["counter"]), accum)
+        if saved[0] * saved[1] * saved[2] != self.global_batch or micro:
+            raise BifocalError(f"sampler state draws {saved[0] * saved[1] * saved[2]} windows a step (micro_batch x "
+                               f"ranks x grad_accum = {' x '.join(map(str, saved))}), this sampler "
+                               f"{self.global_batch}; resuming would not continue the same data order")
+        self.counter = step * self.grad_accum
 
 
 def iter_documents(data: PreparedData | str, split: str = "val", min_tokens: int = 0) -> Iterator[np.ndarray]:

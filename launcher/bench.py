@@ -107,20 +107,17 @@ def build_model(cfg: RunConfig, scheme: str, vocab: int):
 
 def build_engine(cfg: RunConfig, scheme: str, data):
     """(engine, train sampler) for `scheme`, built as `bifocal train` builds them."""
-    import deepspeed
-
     from bifocal.data_pipeline.loader import WindowSampler
 
-    from .setup import build_optimizer
+    from .setup import build_optimizer, initialize_engine
 
     model = build_model(cfg, scheme, data.vocab_size)
     optimizer, scheduler = build_optimizer(model, cfg)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(cfg, dist.world_size()))
+    engine = initialize_engine(model, optimizer, scheduler, deepspeed_config(cfg, dist.world_size()))
     if cfg.train.compile:
         engine.compile()
     sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
-                            rank=dist.rank(), world_size=dist.world_size())
+                            rank=dist.rank(), world_size=dist.world_size(), grad_accum=cfg.train.grad_accum)
     return engine, sampler
 
 

@@ -18,7 +18,8 @@ from bifocal.run.config import RunConfig, load_config
 
 # What a checkpoint cannot follow: the model's shape and position scheme, the data and its order,
 # and how DeepSpeed laid out the saved states. Everything else (schedule, optimizer
-# hyperparameters, batch split, cadence, evaluation) is applied on resume and logged.
+# hyperparameters, batch split, cadence, evaluation) is applied on resume and logged; the batch
+# split only at the same global batch (check_global_batch).
 FROZEN_ON_RESUME = ("model.", "data.", "train.seed", "deepspeed.zero_stage",
                     "deepspeed.precision")
 
@@ -40,8 +41,8 @@ def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, 
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def check_resume(run_dir: Path, cfg: RunConfig, data, from_hf: bool) -> list[tuple[str, Any, Any]]:
-    """Refuse a resume that cannot continue this run; return the changes it will apply."""
+def check_resume(run_dir: Path, cfg: RunConfig, data, from_hf: bool, world: int = 1) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume that cannot continue this run (on `world` ranks); return the changes it will apply."""
     found = checkpoint.latest_checkpoint(run_dir)
     if found is None:
         return []
@@ -58,13 +59,34 @@ def check_resume(run_dir: Path, cfg: RunConfig, data, from_hf: bool) -> list[tup
                            f"(nothing was written)")
     if not (run_dir / "config.yaml").is_file():
         return []
-    changes = config_changes(load_config(run_dir / "config.yaml"), cfg)
+    before = load_config(run_dir / "config.yaml")
+    check_global_batch(before, cfg, int(checkpoint.marker_info(found[1]).get("world_size", 1)), world, run_dir)
+    changes = config_changes(before, cfg)
     frozen = [c for c in changes if c[0].startswith(FROZEN_ON_RESUME) and not (from_hf and c[0].startswith("model."))]
     if frozen:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen[:3]) + (" ..." if len(frozen) > 3 else "")
         raise BifocalError(f"--resume cannot change {shown}: the checkpoint in {run_dir} was trained with the "
                            f"first value; start a new run for that (nothing was written)")
     return changes
+
+
+def check_global_batch(before: RunConfig, after: RunConfig, saved_world: int, world: int, run_dir: Path) -> None:
+    """A resume may split the global batch (micro_batch x grad_accum x ranks) differently, which
+    continues the same windows at every step (loader.py) and the same token count (step x tokens
+    per step); it may not change the global batch, which would not continue the same data order."""
+    a, b = before.train, after.train
+    saved, now = a.micro_batch * a.grad_accum * saved_world, b.micro_batch * b.grad_accum * world
+    if saved == now:
+        return
+    per_rank = saved // world
+    ranks = f"{world} rank{'s' if world > 1 else ''}"
+    hint = (f"e.g. train.micro_batch={per_rank // b.grad_accum} on {ranks}" if saved % world == 0 and
+            per_rank % b.grad_accum == 0 else f"e.g. train.micro_batch={per_rank} train.grad_accum=1 on {ranks}"
+            if saved % world == 0 else f"on a number of ranks that divides {saved}")
+    raise BifocalError(f"--resume cannot change the global batch (micro_batch x grad_accum x ranks: {a.micro_batch} x "
+                       f"{a.grad_accum} x {saved_world} = {saved} in {run_dir}, now {b.micro_batch} x {b.grad_accum} x "
+                       f"{world} = {now}): the data order continues only at {saved} windows a step; {hint} "
+                       f"(nothing was written)")
 
 
 def check_validation(cfg: RunConfig, data, rank: int, world: int) -> bool:

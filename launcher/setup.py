@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bifocal.core.errors import BifocalError
@@ -41,6 +42,7 @@ class TrainState:
     sampler: WindowSampler
     validate: bool  # False when data.val_fraction=0
     resume: bool  # started with --resume
+    param_names: list[list[list[str]]]  # optimizer group -> parameter -> its names (see group_parameter_names)
     step: int = 0
 
     @property
@@ -55,7 +57,7 @@ class TrainState:
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint stores beside DeepSpeed's own state, so a resume sees the same data."""
         return {"step": self.step, "sampler": self.sampler.state_dict(), "tokenizer_hash": self.data.tokenizer_hash,
-                "world_size": dist.world_size()}
+                "world_size": dist.world_size(), "param_group_names": self.param_names}
 
 
 def lr_lambda(cfg: RunConfig):
@@ -86,6 +88,20 @@ def apply_hyperparameters(optimizer, scheduler, fresh: list[dict]) -> None:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+def unshare_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state its own `step` tensor. DeepSpeed's ZeRO-3 universal
+    load stores one tensor object as the step of every group, and torch's Adam increments it in
+    place, so with three groups it would advance three times per step: the norms' bias correction
+    one step ahead, the position parameters' two (up to 2e-3 off after the first update)."""
+    seen: set[int] = set()
+    for param_state in optimizer.state.values():
+        step = param_state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                param_state["step"] = step.clone()
+            seen.add(id(step))
+
+
 def lock_run_dir(run_dir: Path) -> RunLock:
     """Collective: rank 0 takes the run directory's lock and every rank learns whether it did."""
     lock, refused = RunLock(run_dir), None
@@ -97,6 +113,17 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     if dist.all_reduce_sum([1.0 if refused else 0.0])[0]:
         raise refused or BifocalError(f"run directory {run_dir} is in use (rank 0 could not lock it)")
     return lock
+
+
+def group_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[list[str]]]:
+    """Each optimizer group's parameters by name, a tied parameter by all of its names; taken
+    before DeepSpeed wraps the optimizer. Saved with every checkpoint, because without ZeRO
+    DeepSpeed saves bf16/fp16 training's fp32 master weights group by group without names
+    (checkpoint.consolidated_state_dict reads them back)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
@@ -157,6 +184,9 @@ def hf_source(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> dict |
 
 
 def build_model(cfg: RunConfig, data: PreparedData, hf: dict | None) -> torch.nn.Module:
+    """The model, initialised from `train.seed` alone, so every rank builds the same one (ZeRO-3
+    partitions each rank's own copy; the spectralized model's phases are drawn too)."""
+    torch.manual_seed(cfg.train.seed)
     if hf:
         from bifocal.model.surgery import load_spectralized
 
@@ -180,14 +210,40 @@ def build_model(cfg: RunConfig, data: PreparedData, hf: dict | None) -> torch.nn
     elif cfg.model.vocab_size < data.vocab_size:
         raise BifocalError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                            f"{data.vocab_size} tokens in {data.path}")
-    torch.manual_seed(cfg.train.seed)
     return GPT(cfg.model)
 
 
-def universal_checkpoint(path: Path, cfg: RunConfig, world: int) -> Path:
-    """A checkpoint saved on another number of ranks loads through DeepSpeed's universal format."""
-    if cfg.deepspeed.zero_stage == 0:
-        return path  # full model and optimizer states in one file: any rank count loads them
+def seed_rank(seed: int, rank: int) -> None:
+    """After the model is built: this rank's own torch generators (CPU and CUDA), for what must
+    differ between ranks, the dropout masks; two ranks drawing the same masks would correlate the
+    halves of the global batch. The seed is (seed, rank) through numpy's SeedSequence, so runs with
+    neighbouring seeds share no stream. Initialisation (`build_model`) and the data order
+    (loader.py) stay shared; a resume restores each rank's saved generator state instead."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
+def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+    """`deepspeed.initialize`, without the optimizer step DeepSpeed's fp16/bf16 wrappers for ZeRO-0
+    take on zero gradients to create the optimizer state (`initialize_optimizer_states` of
+    FP16_UnfusedOptimizer and FP16_Optimizer, DeepSpeed 0.19.8). With AdamW that step counts: every
+    later bias correction comes one step late (the first update is 0.735 of the learning rate; with
+    betas 0.9/0.95 the lag fades over some 30 steps) and the matrices are decayed once. Weight decay
+    is held at 0 through it (a zero-gradient Adam step then moves nothing) and the state it created
+    is dropped, so the first real step is Adam's step 1, as under ZeRO 1-3 and fp32."""
+    import deepspeed
+
+    decay = [g["weight_decay"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    for group, value in zip(optimizer.param_groups, decay):
+        group["weight_decay"] = value
+    optimizer.state.clear()
+    return engine
+
+
+def universal_checkpoint(path: Path, world: int) -> Path:
+    """A ZeRO checkpoint saved on another number of ranks loads through DeepSpeed's universal format."""
     if dist.rank() == 0:
         print(f"bifocal: {path.name} was saved on {checkpoint.saved_world_size(path)} ranks, resuming on "
               f"{world}: converting to a universal checkpoint", flush=True)
@@ -207,8 +263,10 @@ def resume(state: TrainState, path: Path, changes: list[tuple[str, Any, Any]], o
                            f"(hash {data.tokenizer_hash[:12]} != {client['tokenizer_hash'][:12]})")
     state.sampler.load_state_dict(client["sampler"])
     state.step = int(client["step"])
-    if changes:
-        apply_hyperparameters(optimizer, state.scheduler, fresh)
+    # Always, not only when the config changed: DeepSpeed's ZeRO-3 universal load gives every group
+    # the hyperparameters of group 0 (lr, weight decay); this run's config is the truth either way.
+    apply_hyperparameters(optimizer, state.scheduler, fresh)
+    unshare_step_counters(optimizer)
     if state.is_main:
         print(f"bifocal: resumed from {path} at step {state.step}", flush=True)
         for key, before, after in changes:
@@ -229,35 +287,36 @@ def write_run_files(cfg: RunConfig, run_dir: Path, data: PreparedData, hf: dict 
 def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) -> TrainState:
     """Collective, while this process holds the run directory: every rank builds the same engine;
     returns the state at the first step to run."""
-    import deepspeed
-
     rank, world = dist.rank(), dist.world_size()
     check_run_dir(run_dir, args.resume)
     require_wandb(cfg.train.wandb_project)
 
     data = prepare_data(cfg)
     hf = hf_source(args, run_dir, cfg)
-    changes = preflight.check_resume(run_dir, cfg, data, from_hf=bool(hf)) if args.resume else []
+    changes = preflight.check_resume(run_dir, cfg, data, from_hf=bool(hf), world=world) if args.resume else []
     validate = preflight.check_validation(cfg, data, rank, world)
     model = build_model(cfg, data, hf)
+    seed_rank(cfg.train.seed, rank)
     if hf:
         cfg.model = model.cfg  # the Hugging Face model's own shape, for logging and evaluation
     optimizer, scheduler = build_optimizer(model, cfg)
     fresh = [{k: g[k] for k in HYPERPARAMETERS} for g in optimizer.param_groups]
+    param_names = group_parameter_names(model, optimizer)
     ds_config = deepspeed_config(cfg, world)
     resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
-    if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world:
-        resume_from = (resume_from[0], universal_checkpoint(resume_from[1], cfg, world))
+    if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world and cfg.deepspeed.zero_stage:
+        # ZeRO's partitions follow the rank count; ZeRO-0 keeps everything whole, loadable on any.
+        resume_from = (resume_from[0], universal_checkpoint(resume_from[1], world))
         ds_config["checkpoint"] = {"load_universal": True}
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine = initialize_engine(model, optimizer, scheduler, ds_config)
     if cfg.train.compile:
         engine.compile()  # the module in place: checkpoint keys stay the same
 
     sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, grad_accum=cfg.train.grad_accum)
     state = TrainState(cfg=cfg, run_dir=run_dir, device=device, engine=engine, scheduler=scheduler, data=data,
-                       sampler=sampler, validate=validate, resume=args.resume)
+                       sampler=sampler, validate=validate, resume=args.resume, param_names=param_names)
     if resume_from is not None:
         resume(state, resume_from[1], changes, optimizer, fresh)
     if rank == 0:

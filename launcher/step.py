@@ -27,9 +27,11 @@ class StepResult:
 
 
 def grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
+    """The step's global gradient norm before clipping. ZeRO reports its own after `step()`.
+    Without ZeRO the gradients are whole on every rank once backward has all-reduced them, so they
+    are read before `step()` clears them (bf16's wrapper would report the previous step's norm)."""
+    if engine.zero_optimization():
+        return float(engine.get_global_grad_norm())
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
 
@@ -41,19 +43,37 @@ def agree(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
-def discard_gradients(engine) -> None:
-    """Drop what the step's earlier micro-batches accumulated, without an optimizer step."""
-    engine.zero_grad()
-    zero_grad = getattr(engine.optimizer, "zero_grad", None)
-    if zero_grad is not None:
-        zero_grad(set_to_none=True)
+def skip_step(engine, loss: torch.Tensor) -> None:
+    """Collective: drop everything the step's micro-batches accumulated, on every rank, without an
+    update, and without advancing the learning-rate schedule (as DeepSpeed's own overflow skips).
+
+    DeepSpeed keeps what the micro-batches of an accumulation window contributed where its ZeRO
+    stage wants it (`param.grad`; ZeRO-2's reduced partitions, which its `zero_grad` inside a window
+    leaves in place, so the next step added them to its own) and clears it all when a step consumes
+    the window. So the bad step runs to its end like any other, last backward and `engine.step()`,
+    with only the update taken out: DeepSpeed's overflow check skips it where it has one (ZeRO 1-3
+    in 0.19.8, the bf16/fp16 wrappers), and our own optimizer's `step` does nothing meanwhile for
+    where it has none (fp32 without ZeRO; ZeRO 1-3 before 0.19.8 check only fp16).
+    """
+    scheduler = engine.lr_scheduler  # ours: deepspeed.initialize(lr_scheduler=...); .optimizer is our AdamW
+    optimizer = scheduler.optimizer
+    schedule, lrs = scheduler.state_dict(), [group["lr"] for group in optimizer.param_groups]
+    optimizer.step = lambda *args, **kwargs: None  # shadows the class's step for this one call
+    try:
+        engine.backward(loss)
+        engine.step()
+    finally:
+        del optimizer.step
+    scheduler.load_state_dict(schedule)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 def train_step(engine, sampler, device: str, grad_accum: int, stop_requested: bool = False,
                want_grad_norm: bool = False) -> StepResult:
     """Forward/backward over `grad_accum` micro-batches, then the optimizer step unless a loss was
-    not finite on some rank (the gradients are then discarded and the caller decides)."""
-    zero_stage = engine.zero_optimization_stage()
+    not finite on some rank (the step is then skipped, see `skip_step`, and the caller decides)."""
+    zero = engine.zero_optimization()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for micro in range(grad_accum):
         last = micro == grad_accum - 1
@@ -72,12 +92,12 @@ def train_step(engine, sampler, device: str, grad_accum: int, stop_requested: bo
     world = dist.world_size()
     result = StepResult(loss=total / (world * grad_accum), finite=not nonfinite, stop=stop > 0, grad_norm=None)
     if nonfinite:
-        discard_gradients(engine)
+        skip_step(engine, loss)
         return result
     engine.backward(loss)
-    if want_grad_norm and zero_stage == 0:
-        result.grad_norm = grad_norm(engine)  # stage 0 clears the gradients in step()
+    if want_grad_norm and not zero:
+        result.grad_norm = grad_norm(engine)  # without ZeRO, step() clears the gradients
     engine.step()
-    if want_grad_norm and zero_stage > 0:
+    if want_grad_norm and zero:
         result.grad_norm = grad_norm(engine)
     return result

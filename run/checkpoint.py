@@ -255,7 +255,7 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         state = {**states["module"], **fp32_masters(states, path)}
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def fp32_masters(states: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:

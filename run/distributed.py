@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -40,6 +42,26 @@ def init_distributed(device: str) -> None:
     if device == "cuda":
         # Modulo: a task that Slurm gave one GPU of its own (--gpus-per-task) sees it as device 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def shutdown() -> None:
+    """Destroy the process group (local, no collective), through DeepSpeed so its cached groups go
+    too. A process that reaches interpreter exit with the group alive can abort there ("terminate
+    called without an active exception", exit 250 through the launcher) after a finished run."""
+    if torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """The process group for the body, torn down on every way out of it (return, error, signal)."""
+    init_distributed(device)
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 def rank() -> int:
