@@ -374,10 +374,11 @@ def keep_global_batch(micro_batch: int, grad_accum: int, max_micro_batch: int) -
 
 def report(est: Estimate, config_name: str) -> str:
     """The estimate as printed by `bifocal estimate`."""
-    cfg, m, t = est.cfg, est.cfg.model, est.cfg.train
-    s, a = est.states, est.activations
-    gb = lambda x: f"{x / GiB:9.2f}"  # noqa: E731
-    n = est.gpus
+    m, t, s, a, n = est.cfg.model, est.cfg.train, est.states, est.activations, est.gpus
+
+    def gb(x: int) -> str:
+        return f"{x / GiB:9.2f}"
+
     offload = " + ".join(w for w, on in zip(("optimizer", "parameters"), est.offload) if on) or "none"
     ckpt = {0: "off", 1: "every block"}.get(t.activation_checkpointing, f"every {t.activation_checkpointing} blocks")
     tokens = t.micro_batch * t.grad_accum * n * m.max_seq_len
@@ -409,7 +410,8 @@ def report(est: Estimate, config_name: str) -> str:
     fits = est.total <= est.usable
     lines.append("")
     if est.max_micro_batch == 0:
-        lines.append(f"does not fit: the model states alone leave no room for one sequence on a {est.device}")
+        lines.append(f"DOES NOT FIT at any micro-batch: one sequence needs more than a {est.device} has; "
+                     f"try activation checkpointing, a higher ZeRO stage, offload or more GPUs")
     else:
         peak = est.states.total + est.bucket + est.max_activations.peak
         lines.append(f"{'fits' if fits else 'DOES NOT FIT'}: {est.total / est.usable:.0%} of usable memory; largest "

@@ -69,7 +69,8 @@ def test_model_states_match_deepspeeds_estimators(gpus, offload_optimizer, offlo
             states = model_states(psi, layer, gpus, stage, "bf16", offload_optimizer, False)
             assert abs(states.total - zero2 - extra) <= 2
             assert abs(states.deepspeed[1] - zero2) <= 2
-    _, zero3, _ = estimate_zero3_model_states_mem_needs(psi, layer, num_gpus_per_node=gpus, cpu_offload=offload_optimizer,
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(psi, layer, num_gpus_per_node=gpus,
+                                                        cpu_offload=offload_optimizer,
                                                         cpu_offload_params=offload_params, zero_init=False)
     states = model_states(psi, layer, gpus, 3, "bf16", offload_optimizer, offload_params)
     assert abs(states.total - zero3 - (0 if offload_optimizer else 2 * psi // gpus)) <= 2
@@ -138,6 +139,13 @@ def test_cli_suggests_a_micro_batch_that_keeps_the_global_batch(tiny_yaml, capsy
     fixed = estimate(load_config(tiny_yaml, [*overrides, f"train.micro_batch={micro}", f"train.grad_accum={accum}"]),
                      "l40s-48gb", 1)
     assert fixed.total <= usable_bytes(fixed.memory_mib)
+
+
+def test_cli_says_when_nothing_fits(tiny_yaml, capsys):
+    # A 50M x 256 embedding: 12.8B parameters, 16 bytes each in fp32 under ZeRO-0, far beyond 48 GB.
+    overrides = ["model.vocab_size=50000000", "model.max_seq_len=16", "train.micro_batch=1"]
+    assert cli.main(["estimate", "--config", str(tiny_yaml), "--set", *overrides, "--device", "l40s-48gb"]) == 0
+    assert "DOES NOT FIT at any micro-batch" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
