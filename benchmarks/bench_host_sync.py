@@ -1,7 +1,8 @@
 """What the host syncs of the old training loop cost: one sync per micro-batch against one per step.
 
-    python benchmarks/bench_host_sync.py --preset tiny --grad-accum 8 --steps 24 --block 2
-    python benchmarks/bench_host_sync.py --preset 125m --dtype bf16 --seq-len 1024 --micro-batch 8 --grad-accum 8
+    python benchmarks/bench_host_sync.py --set train.grad_accum=8 --steps 24 --block 2
+    python benchmarks/bench_host_sync.py --config gpu/125m --set deepspeed.precision=bf16 model.max_seq_len=1024 \
+        train.micro_batch=8 train.grad_accum=8
 
 Takes `bifocal bench` options. Two engines of the same scheme alternate in blocks of steps:
 "per micro-batch" is the loop before launcher/step.py (float(loss) and an all-reduce of
@@ -17,7 +18,9 @@ import sys
 
 from bifocal.run import distributed as dist
 from bifocal.launcher.bench import Runner, bench_config, build_engine, measure, parse_schemes
+from bifocal.core.settings import from_arguments
 from bifocal.launcher.cli import build_parser
+from bifocal.launcher.settings import BenchSettings
 from bifocal.launcher.step import train_step
 from bifocal.launcher.setup import prepare_data
 
@@ -38,8 +41,9 @@ def sync_per_micro_batch(engine, sampler, device: str, grad_accum: int) -> None:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(["bench", *argv])
-    cfg = bench_config(args)
-    scheme = parse_schemes(args.schemes, "--schemes")[0] if args.schemes != "all" else "bifocal"
+    settings = from_arguments(BenchSettings, args, "bench")
+    cfg = bench_config(args.config, args.overrides, settings)
+    scheme = parse_schemes(settings.schemes, "--schemes")[0] if settings.schemes != "all" else "bifocal"
     dist.setup_environment(cfg.train.threads)
     device = dist.resolve_device(cfg.train.device)
     dist.init_distributed(device)
@@ -56,7 +60,8 @@ def main(argv: list[str]) -> None:
         return Runner("sync per step", scheme, engine.module.cfg, lambda: train_step(engine, sampler, device, accum))
 
     runners: list[Runner] = []
-    timing = measure(runners, [old, new], device, args.warmup, max(1, args.steps // args.block), args.block)
+    timing = measure(runners, [old, new], device, settings.warmup, max(1, settings.steps // settings.block),
+                     settings.block)
     old_rounds, new_rounds = timing["sync per micro-batch"]["step_s_all"], timing["sync per step"]["step_s_all"]
     base = timing["sync per micro-batch"]["step_s"]
     print(f"\n{scheme}, {device}, grad_accum={accum}, seq {cfg.model.max_seq_len} x micro-batch {cfg.train.micro_batch}, "

@@ -16,9 +16,10 @@ import time
 
 import torch
 
+from bifocal.core.settings import build
+from bifocal.model.schemes import SCHEMES
 from bifocal.model import GPT, GPTConfig
 
-SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
 
 
 def step_time(model: GPT, x: torch.Tensor, device: str) -> float:
@@ -48,8 +49,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     models = {}
     for scheme in SCHEMES:
-        cfg = GPTConfig.from_dict(dict(vocab_size=8192, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                                       position={"scheme": scheme}))
+        cfg = build(GPTConfig, dict(vocab_size=8192, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                                       position={"scheme": scheme}), "model")
         models[scheme] = GPT(cfg).to(args.device, dtype)
     print(f"device={args.device} dtype={args.dtype} d_model={args.d_model} n_layer={args.n_layer} batch={args.batch}")
     print(f"{'length':>7} {'scheme':>9} {'ms/step':>9} {'x rope':>7} {'peak MiB':>9} {'x rope':>7}")

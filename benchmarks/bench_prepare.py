@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from bifocal.core.errors import BifocalError
-from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig, load_data_config
+from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
+from bifocal.run.config import load_config
 from bifocal.data_pipeline.prepare import prepare
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                    args.workers)
         return 0
     try:
-        cfg = load_data_config(args.config)
+        cfg = load_config(args.config).data
         tmp = None if args.out else Path(tempfile.mkdtemp(prefix="bench_prepare_"))
         out = Path(args.out) if args.out else tmp / "data"
         meta, wall, cpu = _prepare(cfg, out, args.workers)

@@ -1,26 +1,29 @@
-"""Torch-free config plumbing: YAML files with `include:`, `--set KEY=VALUE` overrides, strict
-dataclass construction whose errors name the dotted key and the nearest valid one, and `check`,
-the one validation helper every config dataclass uses in `__post_init__`.
+"""Torch-free config plumbing: YAML files with `include:`, `--set KEY=VALUE` overrides, the
+nearest-key suggestion, and `check`, the one validation helper every settings dataclass uses in
+`__post_init__`. Validating a mapping against a declaration is `bifocal.core.settings` (pydantic);
+this module needs neither pydantic nor torch, since the model's settings (shipped inside exports)
+import it.
 
-The schemas themselves live with their owners (`bifocal.model.config`, `bifocal.data_pipeline.config`,
+The declarations live with their owners (`bifocal.model.config`, `bifocal.data_pipeline.config`,
 `bifocal.run.config`); this module knows none of them.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 from bifocal.core.errors import BifocalError
 
-T = TypeVar("T")
+
+# What every settings dataclass sets as `__pydantic_config__` (bifocal.core.settings validates them):
+# unknown keys are errors, field descriptions are the attribute docstrings. A plain dict, so the
+# model's settings (shipped inside exports) need no pydantic.
+SETTINGS = {"extra": "forbid", "use_attribute_docstrings": True}
 
 
 def check(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -52,81 +55,6 @@ def check_key(key: str, path: str, valid: Iterable[str], removed: Mapping[str, s
         raise BifocalError(f"{kind} `{path}` was removed: {removed[key]}")
     if key not in valid:
         raise BifocalError(f"unknown {kind} `{path}`: {nearest(key, list(valid))}")
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with the nearest valid one.
-
-    A class declares nested dataclass fields in `__nested__` ({"field": Cls} or {"field": [Cls]}
-    for a list); they are built recursively, so `where` grows into a dotted path (e.g.
-    `model.position.scheme`) for error messages. A class may name keys it no longer accepts in
-    `__removed__` ({"key": "what to do instead"}), so an old config gets a clear message.
-    """
-    if data is None:
-        return cls()
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise BifocalError(f"`{where or cls.__name__}` must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    removed = getattr(cls, "__removed__", {})
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        check_key(str(key), path, fields, removed)
-        sub = getattr(cls, "__nested__", {}).get(key)
-        if isinstance(sub, list) and value is not None:  # `[Cls]` declares a list of Cls
-            if not isinstance(value, (list, tuple)):
-                raise BifocalError(f"`{path}` must be a list, got {type(value).__name__}")
-            value = [from_dict(sub[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
-        elif sub is not None and value is not None:
-            value = from_dict(sub, value, path)
-        elif sub is not None and type(None) not in typing.get_args(hints.get(key)):
-            raise BifocalError(f"`{path}` must be a mapping, got null")
-        else:
-            value = _coerce(value, hints.get(key), path)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except BifocalError as exc:  # the dataclass names its own key; add where it sits
-        if where and not str(exc).startswith(where):
-            raise BifocalError(f"{where}.{exc}") from None
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:  # a check met a value of a type it did not expect
-        raise BifocalError(f"`{where or cls.__name__}` is invalid: {str(exc).splitlines()[0]}") from None
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check a scalar against its annotation; YAML reads `1e-3` as a string, so numbers given
-    as strings are converted when they parse."""
-    if hint is None or value is None:
-        return value
-    if typing.get_origin(hint) is list:
-        if not isinstance(value, (list, tuple)):
-            raise BifocalError(f"{path}={value!r} is invalid: must be a list, e.g. [{value!r}]")
-        (item,) = typing.get_args(hint) or (None,)
-        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is dict or typing.get_origin(hint) is dict:
-        if not isinstance(value, Mapping):
-            raise BifocalError(f"{path}={value!r} is invalid: must be a mapping")
-        return value
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    scalars = [t for t in options if t in (bool, int, float, str)]
-    if not scalars or any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in scalars):
-        if float in scalars and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
-    for t in scalars:
-        if t in (int, float) and isinstance(value, str):
-            try:
-                return t(float(value)) if t is float else int(value)
-            except ValueError:
-                continue
-    if float in scalars and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    allowed = " or ".join(t.__name__ for t in scalars)
-    raise BifocalError(f"{path}={value!r} is invalid: must be {allowed}")
 
 
 def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,7 @@
-"""Data configuration: plain dataclasses validated on construction.
-
-The strict YAML loader (`bifocal.core.config.from_dict`) builds these from a `data:`
-section using `__nested__`, rejects unknown keys and makes relative paths absolute first.
-"""
+"""Data settings: plain dataclasses, each field's type, default and description (the attribute
+docstring under it) declared once; their checks run on construction. A `data:` section of a run
+config is validated against them by pydantic (`bifocal.core.settings.build`, through
+`bifocal.run.config.load_config`), after its input paths are made absolute."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 from bifocal import data as bundled_data
-from bifocal.core.config import check
+from bifocal.core.config import SETTINGS, check
 from bifocal.core.errors import BifocalError
 
 TOKENIZER_TYPES = ("bpe", "sentencepiece_unigram", "sentencepiece_bpe")
@@ -27,19 +26,33 @@ BUNDLED_DATA = bundled_data.ROOT
 
 @dataclass
 class SourceConfig:
-    name: str  # source name (names its shard files)
-    weight: float = 1.0  # sampling weight in the training mixture
-    path: str | None = None  # a file (.txt .jsonl .jsonl.gz .jsonl.zst .parquet), a folder, or a glob pattern
-    glob: str | None = None  # with a folder `path`: e.g. "**/*.py", one document per file (source-code trees)
-    hf_dataset: str | None = None  # hub dataset name, a builder (json, parquet, ...) or a save_to_disk folder
-    hf_config: str | None = None  # hf_dataset only: the dataset configuration name
-    data_files: str | list | dict | None = None  # hf_dataset only: files or patterns (relative to the config)
-    data_dir: str | None = None  # hf_dataset only: a folder inside the dataset repository (or a local one)
-    revision: str | None = None  # hf_dataset only: a branch, tag or commit of the hub repository
-    split: str = "train"  # hub datasets only (local files are one "train" split)
-    text_field: str = "text"  # the field holding the text (JSON / parquet / datasets)
-    max_documents: int | None = None  # read at most this many documents (null: all)
-    synthetic: dict | None = None  # {"task": "dyck"|"modular"|"rotation", "n_documents": int, "seed": int, ...}
+    __pydantic_config__ = SETTINGS
+    name: str
+    """Source name (names its shard files)."""
+    weight: float = 1.0
+    """Sampling weight in the training mixture."""
+    path: str | None = None
+    """A file (.txt .jsonl .jsonl.gz .jsonl.zst .parquet), a folder, or a glob pattern."""
+    glob: str | None = None
+    """With a folder `path`: e.g. "**/*.py", one document per file (source-code trees)."""
+    hf_dataset: str | None = None
+    """A hub dataset name, a builder (json, parquet, ...) or a save_to_disk folder."""
+    hf_config: str | None = None
+    """hf_dataset only: the dataset configuration name."""
+    data_files: str | list | dict | None = None
+    """hf_dataset only: files or patterns (relative to the config)."""
+    data_dir: str | None = None
+    """hf_dataset only: a folder inside the dataset repository (or a local one)."""
+    revision: str | None = None
+    """hf_dataset only: a branch, tag or commit of the hub repository."""
+    split: str = "train"
+    """Hub datasets only (local files are one "train" split)."""
+    text_field: str = "text"
+    """The field holding the text (JSON / parquet / datasets)."""
+    max_documents: int | None = None
+    """Read at most this many documents (null: all)."""
+    synthetic: dict | None = None
+    """{"task": "dyck"|"modular"|"rotation", "n_documents": int, "seed": int, ...}"""
 
     def __post_init__(self) -> None:
         where = f"source {self.name!r}"
@@ -78,10 +91,15 @@ class SourceConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: str = "bpe"  # bpe (byte-level BPE, `tokenizers`) | sentencepiece_unigram | sentencepiece_bpe
-    vocab_size: int = 4096  # vocabulary size of a trained tokenizer
-    path: str | None = None  # existing tokenizer.json or SentencePiece .model: load instead of training
-    train_chars: int = 20_000_000  # cap on characters used to train the tokenizer
+    __pydantic_config__ = SETTINGS
+    type: str = "bpe"
+    """bpe (byte-level BPE, `tokenizers`) | sentencepiece_unigram | sentencepiece_bpe"""
+    vocab_size: int = 4096
+    """Vocabulary size of a trained tokenizer."""
+    path: str | None = None
+    """An existing tokenizer.json or SentencePiece .model: loaded instead of training one."""
+    train_chars: int = 20_000_000
+    """Cap on the characters used to train the tokenizer."""
 
     def __post_init__(self) -> None:
         check(self.type in TOKENIZER_TYPES, "tokenizer.type", self.type, f"one of {', '.join(TOKENIZER_TYPES)}")
@@ -132,21 +150,22 @@ def _default_sources() -> list[SourceConfig]:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=_default_sources)  # name, weight, path | hf_dataset | synthetic
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # train (type, vocab_size) or load (path)
-    val_fraction: float = 0.05  # share of documents held out for validation (by document hash)
-    prepared_dir: str = "runs/data/demo"  # where the packed token shards are written (relative to the cwd)
-    dedup: bool = True  # drop exact and near-duplicate documents (MinHash, Jaccard >= 0.8) before the split
-
-    __nested__ = {"sources": [SourceConfig], "tokenizer": TokenizerConfig}
+    __pydantic_config__ = SETTINGS
+    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    """The corpora: each a name, a weight, and a path, hf_dataset or synthetic task."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Train one (type, vocab_size) or load one (path)."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (by document hash)."""
+    prepared_dir: str = "runs/data/demo"
+    """Where the packed token shards are written (relative to the cwd)."""
+    dedup: bool = True
+    """Drop exact and near-duplicate documents (MinHash, Jaccard >= 0.8) before the split."""
 
     def __post_init__(self) -> None:
-        # Accept plain mappings too, so the dataclasses work without the launcher's loader.
-        if isinstance(self.tokenizer, Mapping):
-            self.tokenizer = TokenizerConfig(**self.tokenizer)
         check(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0, "sources", self.sources,
                "must be a non-empty list")
-        self.sources = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in self.sources]
+        self.sources = list(self.sources)
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         check(not dupes, "sources", dupes, "source names must be unique")
@@ -157,33 +176,3 @@ class DataConfig:
         check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
                "must be a non-empty path")
         check(isinstance(self.dedup, bool), "dedup", self.dedup, "must be true or false")
-
-
-def load_data_config(yaml_path: str | Path) -> DataConfig:
-    """The `data:` section of a YAML file; relative input paths are taken from the YAML's directory.
-
-    A standalone reader for scripts and benchmarks (the launcher has its own strict loader).
-    """
-    import yaml
-
-    p = Path(yaml_path)
-    if not p.is_file():
-        raise BifocalError(f"config file not found: {p}")
-    doc = yaml.safe_load(p.read_text()) or {}
-    data = doc.get("data", doc) if isinstance(doc, Mapping) else None
-    if not isinstance(data, Mapping):
-        raise BifocalError(f"{p}: expected a mapping with a `data:` section")
-    data = dict(data)
-
-    try:
-        sources = []
-        for s in data.pop("sources", None) or []:
-            s = dict(s)
-            resolve_input_paths(s, p.parent)
-            sources.append(SourceConfig(**s))
-        tok = dict(data.pop("tokenizer", None) or {})
-        if tok.get("path"):
-            tok["path"] = _absolute(tok["path"], p.parent)
-        return DataConfig(sources=sources or _default_sources(), tokenizer=TokenizerConfig(**tok), **data)
-    except TypeError as exc:  # unknown key
-        raise BifocalError(f"{p}: {exc}") from None

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import describe_protocol
+from bifocal.model.schemes import SCHEMES as SCHEMES_REGISTRY
+
 from .results import CONVENTIONS, SCHEMES, VARIANTS, EvalResult, collect
 from .seeds import mean_std, per_seed, relative_to_train_len, train_seed
 from .significance import Analysis, analyse
@@ -458,8 +460,6 @@ def _figure():
 
 # Colour says which model (scheme), line style which training-free scaling variant, so a dozen
 # lines stay tellable apart.
-SCHEME_COLOURS = {"rope": "tab:blue", "bifocal": "tab:red", "spectral": "tab:green", "pope": "tab:purple",
-                  "nope": "tab:gray"}
 VARIANT_STYLES = {"none": ("-", "o"), "pi": ("--", "s"), "ntk": (":", "^"), "dynamic_ntk": ("-.", "v"),
                   "yarn": ((0, (5, 1, 1, 1, 1, 1)), "D")}
 
@@ -468,8 +468,8 @@ def _line_style(result: EvalResult) -> dict:
     """Colour: scheme; line style and marker: scaling variant; hollow markers: the matched convention."""
     linestyle, marker = VARIANT_STYLES.get(result.variant, ("-", "o"))
     style = {"linestyle": linestyle, "marker": marker, "markersize": 4}
-    if result.scheme in SCHEME_COLOURS:
-        style["color"] = SCHEME_COLOURS[result.scheme]
+    if result.scheme in SCHEMES_REGISTRY:
+        style["color"] = SCHEMES_REGISTRY[result.scheme].color
     if result.convention == "matched":
         style.update(markerfacecolor="white", markersize=5, linewidth=1.0)
     return style

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from bifocal.core.errors import BifocalError
+from bifocal.model.schemes import SCALINGS as _SCALINGS, SCHEMES as _SCHEMES
 
 KINDS = ("ppl", "passkey", "tasks")
-SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
-VARIANTS = ("none", "pi", "ntk", "dynamic_ntk", "yarn")
+SCHEMES = tuple(_SCHEMES)  # the registry's order (model/schemes.py)
+VARIANTS = ("none", *_SCALINGS)
 CONVENTIONS = ("fixed", "matched")
 ROW_FIELDS: dict[str, tuple[str, ...]] = {
     "ppl": ("length", "tokens", "loss", "ppl"),

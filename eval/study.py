@@ -51,7 +51,8 @@ import yaml
 from bifocal import configs
 from bifocal.core.config import deep_merge, nearest, nest, parse_overrides, yaml_mapping
 from bifocal.core.errors import BifocalError
-from bifocal.model.config import ROPE_SCALING_TYPES, SCHEMES, GPTConfig
+from bifocal.model.config import GPTConfig
+from bifocal.model.schemes import SCALINGS, SCHEMES, studied, with_fixed_heads
 from bifocal.run.config import CONFIG_DIR, expand
 
 from .protocol import context_tokens, parse_protocol, protocol_slug
@@ -69,8 +70,8 @@ class StudyEval:
     # Perplexity protocols (protocol.py): "windows" (non-overlapping), "context>=0.75L" (every
     # target with 3L/4 .. L tokens of context), ...; each evaluated at every length.
     protocols: list[str] = field(default_factory=lambda: ["windows"])
-    scaling_variants: list[str] = field(default_factory=lambda: list(ROPE_SCALING_TYPES))
-    scaling_schemes: list[str] = field(default_factory=lambda: ["rope", "bifocal"])
+    scaling_variants: list[str] = field(default_factory=lambda: list(SCALINGS))
+    scaling_schemes: list[str] = field(default_factory=with_fixed_heads)
     # fixed: one factor (scaling_factor) at every length; matched: s = max(1, L / L_train) at each
     # length L (dynamic NTK: factor 1, with which it computes that s itself).
     scaling_conventions: list[str] = field(default_factory=lambda: ["fixed", "matched"])
@@ -184,7 +185,7 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         if key not in fields:
             raise BifocalError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
     base = _base_config(raw.get("base") or {}, path)
-    study = Study(path=path, base=base, schemes=list(raw.get("schemes") or ["rope", "bifocal"]),
+    study = Study(path=path, base=base, schemes=list(raw.get("schemes") or studied()),
                   overrides=dict(raw.get("overrides") or {}), eval=StudyEval(**ev),
                   seeds=_seed_list(seeds if seeds is not None else raw.get("seeds"), base,
                                    "--seeds" if seeds is not None else str(path)))
@@ -198,8 +199,8 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         if s not in SCHEMES:
             raise BifocalError(f"scheme {s!r}: one of {', '.join(SCHEMES)}")
     for v in study.eval.scaling_variants:
-        if v not in ROPE_SCALING_TYPES:
-            raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+        if v not in SCALINGS:
+            raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(SCALINGS)}")
     for c in study.eval.scaling_conventions:
         if c not in ("fixed", "matched"):
             raise BifocalError(f"{path}: eval.scaling_conventions: {c!r} is not fixed or matched")

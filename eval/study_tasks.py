@@ -21,10 +21,10 @@ from pathlib import Path
 
 from bifocal import configs
 from bifocal.core.errors import BifocalError
+from bifocal.model.schemes import SCHEMES, studied
 
 from .results import EvalResult
 
-SCHEMES = ("rope", "bifocal", "spectral", "pope")
 
 
 def task_config(task: str) -> Path:
@@ -153,8 +153,8 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
 
 
 def main(args: argparse.Namespace) -> int:
-    schemes = [s.strip() for s in (args.schemes or ",".join(SCHEMES)).split(",") if s.strip()]
-    bad = [s for s in schemes if s not in ("rope", "bifocal", "spectral", "pope", "nope")]
+    schemes = [s.strip() for s in (args.schemes or ",".join(studied())).split(",") if s.strip()]
+    bad = [s for s in schemes if s not in SCHEMES]
     if bad or not schemes:
         raise BifocalError(f"--schemes: unknown scheme(s) {', '.join(bad) or '(none)'}; "
                            f"choose from rope, bifocal, spectral, pope, nope")

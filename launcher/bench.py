@@ -22,49 +22,28 @@ from typing import Callable
 
 import torch
 
-from bifocal.core.config import deep_merge
+from bifocal.core.config import deep_merge, parse_overrides
 from bifocal.core.errors import BifocalError
-from bifocal.model.config import SCHEMES, GPTConfig
+from bifocal.core.settings import from_arguments
+from bifocal.model.config import GPTConfig
+from bifocal.model.schemes import SCHEMES
 from bifocal.model.flops import flops_per_token
 from bifocal.run import distributed as dist
-from bifocal.run.config import CONFIG_DIR, RunConfig, build_config, deepspeed_config, read_yaml
+from bifocal.run.config import CONFIG_DIR, RunConfig, build_config, config_path, deepspeed_config, read_yaml
 
+from .settings import BenchSettings
 from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
 
-PRESETS = {"tiny": CONFIG_DIR / "demo.yaml", "125m": CONFIG_DIR / "gpu" / "125m.yaml",
-           "350m": CONFIG_DIR / "gpu" / "350m.yaml", "760m": CONFIG_DIR / "gpu" / "760m.yaml",
-           "1.3b": CONFIG_DIR / "gpu" / "1.3b.yaml"}
 DEMO_DATA = CONFIG_DIR / "data" / "demo.yaml"
-# The GPU presets train on a 16k tokenizer; the bench's bundled data has 4k tokens, so the model
-# keeps a GPT-2-sized output layer (its FLOPs and memory are a large part of a small model's).
-GPU_VOCAB = 50304
 
 
-def bench_config(args: argparse.Namespace) -> RunConfig:
-    """The preset's model and DeepSpeed sections, the bundled demo data, the bench's flags."""
-    path = PRESETS.get(args.preset, Path(args.preset))
-    if not path.is_file():
-        raise BifocalError(f"--preset {args.preset!r}: not one of {', '.join(PRESETS)} and no such YAML file")
-    raw = read_yaml(path)
-    raw["data"] = read_yaml(args.data_config or DEMO_DATA)["data"]
-    model = raw.setdefault("model", {})
-    if args.preset in PRESETS and args.preset != "tiny":
-        model.setdefault("vocab_size", GPU_VOCAB)
-    if args.vocab_size:
-        model["vocab_size"] = args.vocab_size
-    train, ds = raw.setdefault("train", {}), raw.setdefault("deepspeed", {})
-    if args.seq_len is not None:
-        model["max_seq_len"] = args.seq_len
-    for key, value in (("micro_batch", args.micro_batch), ("grad_accum", args.grad_accum)):
-        if value is not None:
-            train[key] = value
-    train.update(device=args.device, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
-    if args.dtype:
-        ds["precision"] = args.dtype
-    if args.zero_stage is not None:
-        ds["zero_stage"] = args.zero_stage
-    raw = deep_merge(raw, {"model": {"max_seq_len": train.get("seq_len", model.get("max_seq_len", 256))}})
-    return build_config(raw)
+def bench_config(config: str | None, overrides: list[str], settings: BenchSettings) -> RunConfig:
+    """The run config (`--config`, a path or a bundled preset name; default the demo) with its data
+    section replaced by the bench's (the bundled demo corpora unless `data` names a YAML), then
+    the `--set` overrides."""
+    raw = read_yaml(config_path(config))
+    raw["data"] = read_yaml(settings.data or DEMO_DATA)["data"]
+    return build_config(deep_merge(raw, parse_overrides(overrides)))
 
 
 def parse_schemes(text: str, what: str) -> list[str]:
@@ -295,43 +274,41 @@ def describe(cfg: RunConfig, device: str, peak: float | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = bench_config(args)
-    schemes = parse_schemes(args.schemes, "--schemes")
-    plain = parse_schemes(args.plain, "--plain") if args.plain else []
+    settings = from_arguments(BenchSettings, args, "bench")
+    cfg = bench_config(args.config, args.overrides, settings)
+    schemes = parse_schemes(settings.schemes, "--schemes")
+    plain = parse_schemes(settings.plain, "--plain") if settings.plain else []
     if plain and cfg.deepspeed.precision == "fp16":
-        raise BifocalError("--plain supports fp32 and bf16 (fp16 needs a loss scaler); use --dtype bf16")
+        raise BifocalError("--plain supports fp32 and bf16 (fp16 needs a loss scaler); use --set deepspeed.precision=bf16")
     if plain and dist.world_size() > 1:
         raise BifocalError("--plain runs in one process; start `bifocal bench` without a launcher")
-    for key in ("steps", "block", "warmup"):
-        if getattr(args, key) < 1:
-            raise BifocalError(f"--{key}={getattr(args, key)} is invalid: must be >= 1")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    out = Path(settings.out)
+    if out.exists() and any(out.iterdir()) and not settings.overwrite:
         raise BifocalError(f"--out {out} is not empty; pass --overwrite or choose another directory (nothing was written)")
     dist.setup_environment(cfg.train.threads)
     device = dist.resolve_device(cfg.train.device)
-    peak = peak_flops(device, cfg.deepspeed.precision, args.peak_tflops)
+    peak = peak_flops(device, cfg.deepspeed.precision, cfg.train.peak_tflops)
     dist.init_distributed(device)
     from .setup import prepare_data
 
     data = prepare_data(cfg)
     builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
     builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
-    rounds = max(1, args.steps // args.block)
+    rounds = max(1, settings.steps // settings.block)
     runners: list[Runner] = []
-    timing = measure(runners, builders, device, args.warmup, rounds, args.block)
+    timing = measure(runners, builders, device, settings.warmup, rounds, settings.block)
     rows = summarise(runners, timing, cfg, device, peak)
     title = describe(cfg, device, peak)
     if dist.rank() == 0:
-        print(f"\n{title}\n{rounds} rounds x {args.block} steps per runner, medians\n")
+        print(f"\n{title}\n{rounds} rounds x {settings.block} steps per runner, medians\n")
         print(table(rows))
         if device != "cuda":
             print(f"\npeak memory per scheme: n/a on CPU (one process holds every runner); "
                   f"process peak RSS {peak_memory_mb(device)[1]:.0f} MiB")
         if peak is None:
-            print("MFU: n/a (no peak FLOP/s known for this device; pass --peak-tflops)")
+            print("MFU: n/a (no peak FLOP/s known for this device; --set train.peak_tflops=...)")
         out.mkdir(parents=True, exist_ok=True)
-        result = {"title": title, "device": device, "rounds": rounds, "block": args.block, "warmup": args.warmup,
+        result = {"title": title, "device": device, "rounds": rounds, "block": settings.block, "warmup": settings.warmup,
                   "peak_flops": peak, "config": cfg.to_dict(), "rows": rows}
         (out / "bench.json").write_text(json.dumps(result, indent=1))
         png = plot(rows, title, out / "bench.png")

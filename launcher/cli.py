@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 from bifocal import __version__
 from bifocal.core.errors import BifocalError
+from bifocal.data_pipeline.config import SYNTHETIC_TASKS
+from bifocal.model.schemes import SCALINGS, SCHEMES
 
 
 def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
@@ -49,33 +51,16 @@ def _train(sub: argparse._SubParsersAction) -> None:
 
 def _bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training throughput, MFU and memory of every position scheme, side by side",
-                       description="Times the `bifocal train` step (DeepSpeed engine, data loader, optimizer) for "
-                                   "each scheme in turn, blocks of steps round-robin, and prints tokens/s, MFU, "
-                                   "peak memory and ratios to rope. See docs/performance.md.")
-    p.add_argument("--preset", default="tiny", help="tiny | 125m | 350m | 760m | 1.3b | a run config YAML (its model "
-                                                     "and deepspeed sections; data: the bundled demo corpora)")
-    p.add_argument("--schemes", default="all", help="comma-separated schemes (default: all)")
-    p.add_argument("--plain", default="", metavar="SCHEMES",
-                   help="also time these schemes in a plain PyTorch loop without DeepSpeed (framework overhead)")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: the preset's precision")
-    p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--activation-checkpointing", type=int, default=0, metavar="K",
-                   help="recompute every K-th block (0: off, 1: every block)")
-    p.add_argument("--vocab-size", type=int, default=None, help="output vocabulary (default: tiny: the data's; "
-                                                                "GPU presets: 50304)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per runner")
-    p.add_argument("--block", type=int, default=5, help="steps per turn (runners alternate every block)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per runner first (compilation happens here)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak FLOP/s per device in TFLOP/s for MFU (default: from the CUDA device name; CPU: none)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--data-config", default=None, help="YAML whose data section to use (default: configs/data/demo.yaml)")
-    p.add_argument("--out", default="runs/bench", help="where bench.json and bench.png go")
-    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+                       description="Times the `bifocal train` step (DeepSpeed engine, data loader, optimizer) of a "
+                                   "run config for each scheme in turn, blocks of steps round-robin, and prints "
+                                   "tokens/s, MFU, peak memory and ratios to rope. The run is set as for `bifocal "
+                                   "train`: --config gpu/125m --set model.max_seq_len=2048 train.micro_batch=8 "
+                                   "deepspeed.precision=bf16 train.compile=true. See docs/performance.md.")
+    _add_config_args(p)
+    from bifocal.core.settings import add_arguments
+    from bifocal.launcher.settings import BenchSettings
+
+    add_arguments(p, BenchSettings)
     p.set_defaults(handler="bifocal.launcher.bench:main")
 
 
@@ -112,7 +97,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
                           "length scores the same targets)")
     ppl.add_argument("--targets-per-doc", type=int, default=None, metavar="N",
                      help="score at most N targets per document (default: to its end)")
-    ppl.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])
+    ppl.add_argument("--rope-scaling", default=None, choices=list(SCALINGS))
     ppl.add_argument("--factor", default=None,
                      help="rope scaling factor for every length (default: max length / train length), or "
                           "'matched': s = length / train length at each length")
@@ -144,7 +129,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--label", default=None, help="report row name (default: the run's name); runs of one scheme "
                     "sharing it are averaged over their training seeds")
     pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--rope-scaling", default=None, choices=["pi", "ntk", "dynamic_ntk", "yarn"])
+    pk.add_argument("--rope-scaling", default=None, choices=list(SCALINGS))
     pk.add_argument("--factor", type=float, default=None)
     pk.add_argument("--device", default=None)
     pk.add_argument("--out", default=None)
@@ -161,7 +146,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
 
     tk = esub.add_parser("tasks", help="algorithmic tasks: loss and exact match in/out of distribution")
     tk.add_argument("model")
-    tk.add_argument("--task", required=True, choices=["dyck", "modular", "rotation"])
+    tk.add_argument("--task", required=True, choices=list(SYNTHETIC_TASKS))
     tk.add_argument("--n", type=int, default=200, help="examples per setting")
     tk.add_argument("--seed", type=int, default=1)
     tk.add_argument("--device", default=None)
@@ -184,8 +169,8 @@ def _study(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(handler="bifocal.eval.study:main")
 
     tks = ssub.add_parser("tasks", help="train the schemes on an algorithmic task, evaluate in/out of distribution")
-    tks.add_argument("--task", required=True, choices=["dyck", "modular", "rotation"])
-    tks.add_argument("--schemes", default=None, help="comma-separated (default: rope,bifocal,spectral,pope)")
+    tks.add_argument("--task", required=True, choices=list(SYNTHETIC_TASKS))
+    tks.add_argument("--schemes", default=None, help=f"comma-separated, of {', '.join(SCHEMES)} (default: all but nope)")
     tks.add_argument("--steps", type=int, default=None, help="training steps per scheme (default: the task config)")
     tks.add_argument("--out", default=None, help="study directory (default: runs/study-tasks-TASK)")
     tks.add_argument("--n", type=int, default=200, help="evaluation examples per setting")

@@ -1,4 +1,10 @@
-"""Model configuration: dataclasses validated on construction, strict when read from YAML."""
+"""Model settings: plain dataclasses, each field's type, default and description (the attribute
+docstring under it) declared once; their checks run on construction.
+
+Read from YAML or `--set` they are validated by pydantic (`bifocal.core.settings.build`: unknown
+keys, types, one-line errors); built in Python (or from an export's config.json, which must load
+without bifocal and without pydantic) they take nested sections as mappings too.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from bifocal.core.config import check, from_dict
+from bifocal.core.config import SETTINGS, check
 
-SCHEMES = ("rope", "spectral", "bifocal", "pope", "nope")
+from .schemes import SCALINGS, SCHEMES, scheme as scheme_entry
+
 SPECTRAL_PARAMETERS = ("omega", "amplitude", "phase")
 SPECTRAL_INITS = ("rope", "fit")
-ROPE_SCALING_TYPES = ("pi", "ntk", "dynamic_ntk", "yarn")
 
 
 @dataclass
@@ -23,43 +29,54 @@ class RopeScaling:
     recomputed from the current length, only beyond `original_max_len`. yarn: NTK-by-parts
     interpolation, ramped linearly over the pair index between the correction dims of
     `beta_fast`/`beta_slow` rotations, and attention temperature (0.1 ln s + 1)^2 on the logits.
-    All four equal transformers' definitions (`linear`, `dynamic`, `yarn`).
+    All four equal transformers' definitions (`linear`, `dynamic`, `yarn`); sources in
+    model/schemes.py's SCALINGS and model/position/rope.py.
     """
 
-    type: str = "yarn"  # pi | ntk | dynamic_ntk | yarn
-    factor: float = 2.0  # context extension factor s (>= 1)
-    original_max_len: int = 256  # the length the model was trained at
-    beta_fast: float = 32.0  # yarn: rotations above which a pair keeps its frequency
-    beta_slow: float = 1.0  # yarn: rotations below which a pair is fully interpolated
+    __pydantic_config__ = SETTINGS
+    type: str = "yarn"
+    """pi | ntk | dynamic_ntk | yarn"""
+    factor: float = 2.0
+    """Context extension factor s (>= 1)."""
+    original_max_len: int = 256
+    """The length the model was trained at."""
+    beta_fast: float = 32.0
+    """yarn: rotations above which a pair keeps its frequency."""
+    beta_slow: float = 1.0
+    """yarn: rotations below which a pair is fully interpolated."""
 
     def __post_init__(self) -> None:
-        check(self.type in ROPE_SCALING_TYPES, "type", self.type, f"one of {', '.join(ROPE_SCALING_TYPES)}")
+        check(self.type in SCALINGS, "type", self.type, f"one of {', '.join(SCALINGS)}")
         check(self.factor >= 1.0, "factor", self.factor, "must be >= 1")
         check(self.original_max_len > 0, "original_max_len", self.original_max_len, "must be > 0")
 
 
 @dataclass
 class PositionConfig:
-    scheme: str = "bifocal"  # rope | spectral | bifocal | pope | nope
-    rope_base: float = 10000.0  # RoPE base: theta_i = rope_base^(-2i/d)
-    # bifocal: how many heads per layer are spectral (the last ones); None means half.
-    spectral_heads: int | None = None  # bifocal: spectral heads per layer, the last ones (null: half)
-    phase_init_std: float = 1e-3  # std of the spectral heads' initial phase Phi
-    spectral_lr_mult: float = 1.0  # learning-rate multiplier of the position parameters
-    # How Omega is learned: "offset" (Omega = theta + d, Adam moves every pair by similar absolute
-    # amounts, so low frequencies change by large factors) or "log" (Omega = theta * e^s: relative).
-    omega_param: str = "offset"  # offset (Omega = theta + d) | log (Omega = theta * e^s)
-    # Ablations of the spectral heads. `learn`: which of Omega, A, Phi train (the rest stay at
-    # their init; [] with phase_init_std 0 is RoPE exactly). `spectral_init`: Omega's start, "rope"
-    # (theta_i = spectral_rope_base^(-2i/d), the base defaulting to rope_base) or "fit" (log-spaced
-    # from 1 rad/token down to 2 pi / max_seq_len, so every wavelength fits in the training length
-    # and no pair meets an angle beyond it that it never saw in training).
-    learn: list[str] = field(default_factory=lambda: list(SPECTRAL_PARAMETERS))  # which of Omega, A, Phi train
-    spectral_init: str = "rope"  # Omega's start: rope (theta) | fit (wavelengths within max_seq_len)
-    spectral_rope_base: float | None = None  # spectral_init rope: base of Omega's start (null: rope_base)
-    rope_scaling: RopeScaling | None = None  # eval-time extension of fixed heads: {type, factor, ...}
-
-    __nested__ = {"rope_scaling": RopeScaling}
+    __pydantic_config__ = SETTINGS
+    scheme: str = "bifocal"
+    """rope | bifocal | spectral | pope | nope (model/schemes.py)."""
+    rope_base: float = 10000.0
+    """RoPE base: theta_i = rope_base^(-2i/d)."""
+    spectral_heads: int | None = None
+    """bifocal: spectral heads per layer, the last ones (null: half)."""
+    phase_init_std: float = 1e-3
+    """Std of the spectral heads' initial phase Phi."""
+    spectral_lr_mult: float = 1.0
+    """Learning-rate multiplier of the position parameters (spectral heads' Omega, A, Phi; PoPE's delta)."""
+    omega_param: str = "offset"
+    """How Omega is learned: offset (Omega = theta + d: Adam moves every pair by similar absolute
+    amounts, so low frequencies change by large factors) | log (Omega = theta * e^s: relative)."""
+    learn: list[str] = field(default_factory=lambda: list(SPECTRAL_PARAMETERS))
+    """Which of omega, amplitude, phase train; the rest stay at their init ([] with phase_init_std 0
+    is RoPE exactly)."""
+    spectral_init: str = "rope"
+    """Omega's start: rope (theta_i of spectral_rope_base) | fit (log-spaced from 1 rad/token down
+    to 2 pi / max_seq_len: every wavelength fits in the training length)."""
+    spectral_rope_base: float | None = None
+    """spectral_init rope: the base of Omega's start (null: rope_base)."""
+    rope_scaling: RopeScaling | None = None
+    """Eval-time extension of the fixed-frequency heads: {type, factor, original_max_len, ...}."""
 
     def __post_init__(self) -> None:
         check(self.scheme in SCHEMES, "scheme", self.scheme, f"one of {', '.join(SCHEMES)}")
@@ -77,29 +94,40 @@ class PositionConfig:
             check(self.spectral_init == "rope", "spectral_rope_base", self.spectral_rope_base,
                   f"only applies to spectral_init: rope (got spectral_init: {self.spectral_init})")
         if isinstance(self.rope_scaling, Mapping):
-            self.rope_scaling = from_dict(RopeScaling, self.rope_scaling, "rope_scaling")
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 8192  # vocabulary size (default: the tokenizer's)
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # query heads per layer
-    n_kv_head: int | None = None  # grouped-query attention; None means n_head
-    d_model: int = 256  # residual width
-    d_ff: int | None = None  # SwiGLU hidden size; None means 8/3 d_model rounded up to 32
-    max_seq_len: int = 256  # the training context length: tokens per training window, rope_scaling's default original length
-    dropout: float = 0.0  # dropout on the residual stream and attention
-    tie_embeddings: bool = True  # share the input embedding and the output head
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    init_std: float = 0.02  # std of the normal weight init (residual outputs / sqrt(2 n_layer))
+    __pydantic_config__ = SETTINGS
+    vocab_size: int = 8192
+    """Vocabulary size (default: the tokenizer's)."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Query heads per layer."""
+    n_kv_head: int | None = None
+    """Key/value heads per layer, grouped-query attention (null: n_head)."""
+    d_model: int = 256
+    """Residual width."""
+    d_ff: int | None = None
+    """SwiGLU hidden size (null: 8/3 d_model rounded up to a multiple of 32)."""
+    max_seq_len: int = 256
+    """The training context length: tokens per training window, rope_scaling's default original length."""
+    dropout: float = 0.0
+    """Dropout on the residual stream and attention."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output head."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal weight init (residual outputs: / sqrt(2 n_layer))."""
     position: PositionConfig = field(default_factory=PositionConfig)
-
-    __nested__ = {"position": PositionConfig}
+    """The position scheme and its settings."""
 
     def __post_init__(self) -> None:
         if isinstance(self.position, Mapping):
-            self.position = from_dict(PositionConfig, self.position, "position")
+            self.position = PositionConfig(**self.position)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
@@ -111,7 +139,7 @@ class GPTConfig:
         check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head, f"must divide n_head={self.n_head}")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         pos = self.position
-        if pos.scheme == "bifocal":
+        if scheme_entry(pos.scheme).spectral == "some":
             if pos.spectral_heads is None:
                 pos.spectral_heads = self.n_head // 2
             check(0 <= pos.spectral_heads <= self.n_head, "position.spectral_heads", pos.spectral_heads,
@@ -125,23 +153,15 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
-    def n_fixed_heads(self) -> int:
-        """Query heads per layer that rotate by RoPE's fixed frequencies (what rope_scaling scales)."""
-        return self.n_head - self.n_spectral_heads if self.position.scheme in ("rope", "bifocal") else 0
-
-    @property
     def n_spectral_heads(self) -> int:
         """Spectral (learned-frequency) query heads per layer."""
-        scheme = self.position.scheme
-        if scheme == "spectral":
-            return self.n_head
-        if scheme == "bifocal":
-            return int(self.position.spectral_heads or 0)
-        return 0
+        spectral = scheme_entry(self.position.scheme).spectral
+        return self.n_head if spectral == "all" else int(self.position.spectral_heads or 0) if spectral == "some" else 0
+
+    @property
+    def n_fixed_heads(self) -> int:
+        """Query heads per layer that rotate by RoPE's fixed frequencies (what rope_scaling scales)."""
+        return self.n_head - self.n_spectral_heads if scheme_entry(self.position.scheme).fixed else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "GPTConfig":
-        return from_dict(cls, data, "model")

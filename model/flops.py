@@ -15,6 +15,7 @@ Position tables and rotations are elementwise and not counted (they are not tens
 from __future__ import annotations
 
 from .config import GPTConfig
+from .schemes import scheme
 
 
 def matmul_params(cfg: GPTConfig) -> int:
@@ -28,7 +29,7 @@ def matmul_params(cfg: GPTConfig) -> int:
 def attention_width(cfg: GPTConfig) -> tuple[int, int]:
     """(d_qk, d_v): the width of the q.k dot products and of the value mix, over all heads."""
     d_v = cfg.n_head * cfg.head_dim
-    return (2 * d_v if cfg.position.scheme == "pope" else d_v), d_v
+    return scheme(cfg.position.scheme).qk_width * d_v, d_v
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:

@@ -1,13 +1,12 @@
 """Run configuration: YAML sections model/data/train/optim/deepspeed, `--set` overrides, strict
 keys (an unknown key names the nearest valid one, a removed key says what replaced it), and
-DeepSpeed config generation. Each field's trailing comment is its description (`bifocal config`)."""
+DeepSpeed config generation. Every section is a settings dataclass validated by pydantic
+(bifocal.core.settings); each field's attribute docstring is its description (`bifocal config`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,44 +15,65 @@ import yaml
 
 from bifocal import configs
 from bifocal.core import config as core
-from bifocal.core.config import check, check_key, deep_merge, from_dict, parse_overrides, positive_ints
+from bifocal.core.config import SETTINGS, check, check_key, deep_merge, parse_overrides, positive_ints
 from bifocal.core.errors import BifocalError
+from bifocal.core.settings import build, describe
 from bifocal.data_pipeline.config import DataConfig, resolve_input_paths
 from bifocal.model.config import GPTConfig
 
 CONFIG_DIR = configs.ROOT
 DEMO_CONFIG = configs.DEMO
-SECTIONS = ("model", "data", "train", "optim", "deepspeed")
 # Sections older configs may hold: a clear message instead of "unknown section".
 REMOVED_SECTIONS = {"eval": "evaluation settings are options of `bifocal eval` (see `bifocal eval ppl --help`); "
                             "delete the section"}
-_WHAT = f"a mapping with sections {', '.join(SECTIONS)}"
+
+
+# Keys older configs may hold: a clear message instead of "unknown key".
+REMOVED_KEYS = {
+    # The training length was also model.max_seq_len, and code read one or the other.
+    "train.seq_len": "the training context length is model.max_seq_len (one key for one fact); move the value there",
+}
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs"  # runs are written to out_dir/run_name
-    run_name: str = "demo"  # the run directory's name
-    micro_batch: int = 8  # sequences per micro-batch on each rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 300  # optimizer steps
-    seed: int = 1234  # seed of the model init and the data order
-    log_every: int = 10  # a training line and metrics every N steps
-    eval_every: int = 100  # validation loss every N steps (0: only at the end)
-    eval_batches: int = 8  # micro-batches per validation
-    save_every: int = 100  # checkpoint every N steps (0: only at the end)
-    keep_last: int = 3  # complete checkpoints kept
-    on_nan: str = "stop"  # stop | skip
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads per rank on CPU (None: cores / ranks)
-    wandb_project: str | None = None  # also log to Weights & Biases in this project (needs the wandb extra)
-    compile: bool = False  # torch.compile the model (engine.compile(); inductor, any ZeRO stage)
-    activation_checkpointing: int = 0  # recompute every k-th block in the backward (0: off, 1: all)
-    peak_tflops: float | None = None  # device peak for MFU where the CUDA name table has none
-
-    # The training length was also model.max_seq_len, and code read one or the other.
-    __removed__ = {"seq_len": "the training context length is model.max_seq_len (one key for one fact); "
-                              "move the value there"}
+    __pydantic_config__ = SETTINGS
+    out_dir: str = "runs"
+    """Runs are written to out_dir/run_name."""
+    run_name: str = "demo"
+    """The run directory's name."""
+    micro_batch: int = 8
+    """Sequences per micro-batch on each rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 300
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seed of the model init and the data order."""
+    log_every: int = 10
+    """A training line and metrics every N steps."""
+    eval_every: int = 100
+    """Validation loss every N steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per validation."""
+    save_every: int = 100
+    """A checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept."""
+    on_nan: str = "stop"
+    """A non-finite loss: stop (the newest checkpoint stays) | skip (the step is dropped)."""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    threads: int | None = None
+    """Torch intra-op threads per rank on CPU (null: cores / ranks)."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases in this project (needs the wandb extra)."""
+    compile: bool = False
+    """torch.compile the model (engine.compile(); inductor, any ZeRO stage)."""
+    activation_checkpointing: int = 0
+    """Recompute every k-th block in the backward (0: off, 1: every block)."""
+    peak_tflops: float | None = None
+    """The device's peak TFLOP/s for MFU where the CUDA name table has none."""
 
     def __post_init__(self) -> None:
         check(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,
@@ -65,13 +85,21 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW weight decay of matrices
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # gradient norm clipping
+    __pydantic_config__ = SETTINGS
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of the matrices."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -81,12 +109,19 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 0  # ZeRO stage 0 | 1 | 2 | 3
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
-    offload_params: bool = False  # parameter offload (stage 3)
-    config_file: str | None = None  # a whole DeepSpeed JSON config, used as given
-    overrides: dict = field(default_factory=dict)  # merged into the generated config
+    __pydantic_config__ = SETTINGS
+    zero_stage: int = 0
+    """ZeRO stage 0 | 1 | 2 | 3"""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16"""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of the optimizer states to CPU (stage >= 1)."""
+    offload_params: bool = False
+    """Parameter offload to CPU (stage 3)."""
+    config_file: str | None = None
+    """A whole DeepSpeed JSON config, used as given."""
+    overrides: dict = field(default_factory=dict)
+    """Merged into the generated DeepSpeed config."""
 
     def __post_init__(self) -> None:
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
@@ -109,6 +144,13 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out.pop("vocab_from_data")
         return out
+
+
+# The sections of a run config and the class each is validated against.
+SECTION_TYPES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+                 "deepspeed": DeepSpeedSection}
+SECTIONS = tuple(SECTION_TYPES)
+_WHAT = f"a mapping with sections {', '.join(SECTIONS)}"
 
 
 def _relocate_inputs(raw: dict, base_dir: Path) -> None:
@@ -152,20 +194,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def build_config(raw: Mapping[str, Any]) -> RunConfig:
+    """A RunConfig from a mapping of sections, each validated against its declaration."""
     for key in raw:
         check_key(str(key), str(key), SECTIONS, REMOVED_SECTIONS, "config section")
-        if raw[key] is not None and not isinstance(raw[key], Mapping):
-            raise BifocalError(f"`{key}` must be a mapping of keys, got {type(raw[key]).__name__}")
-    model = dict(raw.get("model") or {})
-    vocab_from_data = "vocab_size" not in model
-    return RunConfig(
-        model=GPTConfig.from_dict(model),
-        data=from_dict(DataConfig, raw.get("data"), "data"),
-        train=from_dict(TrainConfig, raw.get("train"), "train"),
-        optim=from_dict(OptimConfig, raw.get("optim"), "optim"),
-        deepspeed=from_dict(DeepSpeedSection, raw.get("deepspeed"), "deepspeed"),
-        vocab_from_data=vocab_from_data,
-    )
+        section = raw[key]
+        if section is not None and not isinstance(section, Mapping):
+            raise BifocalError(f"`{key}` must be a mapping of keys, got {type(section).__name__}")
+        for sub in section or {}:
+            if f"{key}.{sub}" in REMOVED_KEYS:
+                raise BifocalError(f"config key `{key}.{sub}` was removed: {REMOVED_KEYS[f'{key}.{sub}']}")
+    sections = {name: build(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
+    return RunConfig(**sections, vocab_from_data="vocab_size" not in (raw.get("model") or {}))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -212,49 +251,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return deep_merge(conf, ds.overrides)
 
 
-# -- the config keys with their descriptions (`bifocal config`) ---------------------------------
-
-_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
-_SECTION_TYPES = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-                  "deepspeed": DeepSpeedSection}
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """A dataclass's one-line field descriptions: the trailing comment of each field's line (the
-    one place they are written, read back from the source)."""
-    docs = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = _FIELD_LINE.match(line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
-    return docs
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return "(required)"
-
-
-def config_keys(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default as YAML, description) of every config key, nested sections expanded
-    (`data.sources[].name` for the fields of each source); all sections when `cls` is None."""
-    if cls is None:
-        return [row for name, section in _SECTION_TYPES.items() for row in config_keys(section, f"{name}.")]
-    rows = []
-    docs = field_docs(cls)
-    nested = getattr(cls, "__nested__", {})
-    for f in dataclasses.fields(cls):
-        sub = nested.get(f.name)
-        if isinstance(sub, list):  # a list of sections: its own description, then the item keys
-            rows.append((f"{prefix}{f.name}", "[...]", docs.get(f.name, "")))
-            rows += config_keys(sub[0], f"{prefix}{f.name}[].")
-        elif sub is not None:
-            rows += config_keys(sub, f"{prefix}{f.name}.")
-        else:
-            default = _default(f)
-            text = default if default == "(required)" else yaml.safe_dump(default, default_flow_style=True).strip()
-            rows.append((f"{prefix}{f.name}", text.removesuffix("\n...").strip(), docs.get(f.name, "")))
-    return rows
+def config_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default as YAML, description) of every run config key (`bifocal config`)."""
+    return [row for name, cls in SECTION_TYPES.items() for row in describe(cls, f"{name}.")]

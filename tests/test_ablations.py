@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bifocal.core import settings
 from bifocal.core.errors import BifocalError
 from bifocal.model import GPT, GPTConfig
 from bifocal.model.position import make_context, rope_inv_freq
@@ -18,8 +19,8 @@ OMEGA = {"offset": "omega_delta", "log": "omega_log_scale"}
 
 def build(scheme: str = "bifocal", seed: int = 0, **position) -> GPT:
     torch.manual_seed(seed)
-    cfg = GPTConfig.from_dict({"vocab_size": 64, "n_layer": 1, "n_head": 4, "d_model": 32, "max_seq_len": 32,
-                               "position": {"scheme": scheme, **position}})  # training length 32
+    cfg = settings.build(GPTConfig, {"vocab_size": 64, "n_layer": 1, "n_head": 4, "d_model": 32, "max_seq_len": 32,
+                               "position": {"scheme": scheme, **position}}, "model")  # training length 32
     return GPT(cfg)
 
 
@@ -108,4 +109,4 @@ def test_spectral_init_switches_change_only_the_spectral_heads(switch):
 ])
 def test_invalid_ablation_keys_name_the_key(position, message):
     with pytest.raises(BifocalError, match=message.replace(".", r"\.")):
-        GPTConfig.from_dict({"position": {"scheme": "bifocal", **position}})
+        settings.build(GPTConfig, {"position": {"scheme": "bifocal", **position}}, "model")

@@ -11,9 +11,9 @@ from conftest import run_cli
 
 def test_bench_times_each_scheme_and_the_plain_loop(tiny_config, tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli(["bench", "--preset", str(tiny_config), "--data-config", str(tiny_config),
+    proc = run_cli(["bench", "--config", str(tiny_config), "--data", str(tiny_config),
                     "--schemes", "rope,bifocal,pope", "--plain", "bifocal", "--steps", "2", "--block", "1",
-                    "--warmup", "1", "--peak-tflops", "0.5", "--out", str(out)], tmp_path)
+                    "--warmup", "1", "--set", "train.peak_tflops=0.5", "--out", str(out)], tmp_path)
     result = json.loads((out / "bench.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["rope", "bifocal", "pope", "bifocal (plain torch)"]
@@ -33,10 +33,11 @@ def test_bench_times_each_scheme_and_the_plain_loop(tiny_config, tmp_path):
 
 def test_bench_rejects_bad_input_with_one_line_and_writes_nothing(tiny_config, tmp_path):
     for args, needle in ((["--schemes", "rope,alibi"], "unknown scheme 'alibi'"),
-                         (["--preset", "nope.yaml"], "--preset 'nope.yaml'"),
-                         (["--steps", "0"], "--steps=0"),
-                         (["--plain", "rope", "--dtype", "fp16"], "--plain supports fp32 and bf16")):
-        proc = run_cli(["bench", "--data-config", str(tiny_config), "--out", str(tmp_path / "b"), *args], tmp_path,
+                         (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+                         (["--steps", "0"], "bench.steps=0"),
+                         (["--set", "train.micro_batch=0"], "train.micro_batch=0"),
+                         (["--plain", "rope", "--set", "deepspeed.precision=fp16"], "--plain supports fp32 and bf16")):
+        proc = run_cli(["bench", "--data", str(tiny_config), "--out", str(tmp_path / "b"), *args], tmp_path,
                        check=False)
         assert proc.returncode == 2, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("bifocal: error:")]

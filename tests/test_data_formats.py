@@ -139,13 +139,13 @@ def test_hub_options_data_files_data_dir_and_saved_datasets(inputs, tmp_path, mo
 
 
 def test_hub_input_paths_are_relative_to_the_config_file(inputs, tmp_path, monkeypatch):
-    from bifocal.data_pipeline.config import load_data_config
+    from bifocal.run.config import load_config
 
     cfg_dir = inputs["hub"].parent
     (cfg_dir / "data.yaml").write_text(json.dumps({"data": {"sources": [
         {"name": "h", "hf_dataset": "hubfolder", "data_dir": "more"},
         {"name": "p", "hf_dataset": "parquet", "data_files": ["prose.parquet"], "text_field": "content"}]}}))
     monkeypatch.chdir(tmp_path)
-    h, p = load_data_config(cfg_dir / "data.yaml").sources
+    h, p = load_config(cfg_dir / "data.yaml").data.sources
     assert h.hf_dataset == str(inputs["hub"]) and h.data_dir == "more"  # inside the dataset's folder
     assert p.data_files == [str(inputs["parquet"])]

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig, load_data_config
+from bifocal.data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData, WindowSampler, iter_documents
 from bifocal.data_pipeline.prepare import is_prepared, prepare
@@ -238,14 +237,13 @@ def test_val_guaranteed_for_sources_with_two_documents(tmp_path):
 
 
 def test_configs_load_with_the_strict_loader():
-    from bifocal.core.config import from_dict
+    from bifocal.run.config import load_config
 
     for name, vocab in (("demo", 4096), ("large", 16384)):
-        path = REPO / "configs" / "data" / f"{name}.yaml"
-        strict = from_dict(DataConfig, yaml.safe_load(path.read_text())["data"], "data")
+        strict = load_config(REPO / "configs" / "data" / f"{name}.yaml").data
         assert strict.tokenizer.vocab_size == vocab and strict.prepared_dir == f"runs/data/{name}"
         assert len(strict.sources) == 2
-    demo = load_data_config(REPO / "configs" / "data" / "demo.yaml")
+    demo = load_config(REPO / "configs" / "data" / "demo.yaml").data
     assert [Path(s.path) for s in demo.sources] == [Path(s.path) for s in DataConfig().sources]
     assert all(Path(s.path).is_file() for s in demo.sources)
 

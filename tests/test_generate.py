@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bifocal.core.settings import build
 from bifocal.data_pipeline.config import TokenizerConfig
 from bifocal.data_pipeline.tokenizer import train_tokenizer
 from bifocal.eval.generate import filter_logits, generate
@@ -24,8 +25,8 @@ AUSTEN = Path(__file__).resolve().parent.parent / "data" / "nl_small_austen.json
 def tiny(scheme: str, vocab: int = 64, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     # Untied, with a large init: random tiny models then continue with varied tokens.
-    model = GPT(GPTConfig.from_dict(dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=32,
-                                         tie_embeddings=False, init_std=0.3, position={"scheme": scheme}, **kw))).eval()
+    model = GPT(build(GPTConfig, dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=32,
+                                         tie_embeddings=False, init_std=0.3, position={"scheme": scheme}, **kw), "model")).eval()
     perturb_position_params(model)
     return model
 

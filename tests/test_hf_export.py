@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from bifocal.core.settings import build
 from bifocal.data_pipeline.config import TokenizerConfig
 from bifocal.data_pipeline.tokenizer import train_tokenizer
 from bifocal.eval.generate import generate
@@ -49,8 +50,8 @@ def tiny(scheme: str, vocab: int, seed: int = 0, **kw) -> GPT:
     export that dropped or reset them would show in the logits."""
     pos = {"scheme": scheme, **kw.pop("position", {})}
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_dict(dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=64,
-                                         position=pos, **kw))).eval()
+    model = GPT(build(GPTConfig, dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=64,
+                                         position=pos, **kw), "model")).eval()
     perturb_position_params(model)
     return model
 

@@ -23,14 +23,15 @@ def test_lm_eval_loglikelihood_matches_native(tiny_config, tmp_path, monkeypatch
 
     from bifocal.data_pipeline.loader import PreparedData
     from bifocal.model.hf.hf_io import save_hf
+    from bifocal.core.settings import build
     from bifocal.model import GPT, GPTConfig
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = PreparedData(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]).tokenizer()
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_dict({"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "d_model": 32,
-                                     "position": {"scheme": "bifocal", "spectral_heads": 2}})).eval()
+    model = GPT(build(GPTConfig, {"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "d_model": 32,
+                                     "position": {"scheme": "bifocal", "spectral_heads": 2}}, "model")).eval()
     export = save_hf(model, tok, tmp_path / "export")
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "local_ll.yaml").write_text(yaml.safe_dump({
@@ -59,15 +60,16 @@ def test_lm_eval_max_length_is_the_declared_context(tiny_config, tmp_path):
 
     from bifocal.data_pipeline.loader import PreparedData
     from bifocal.model.hf.hf_io import load_exported, save_hf
+    from bifocal.core.settings import build
     from bifocal.model import GPT, GPTConfig
 
     tok = PreparedData(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]).tokenizer()
     for scheme, scaling, context, expected in (("bifocal", None, 512, 512), ("rope", None, None, 64),
                                                ("rope", {"type": "pi", "factor": 4.0, "original_max_len": 64}, None, 256),
                                                ("rope", None, 1024, 1024)):
-        model = GPT(GPTConfig.from_dict({"vocab_size": tok.vocab_size, "n_layer": 1, "n_head": 2, "d_model": 16,
+        model = GPT(build(GPTConfig, {"vocab_size": tok.vocab_size, "n_layer": 1, "n_head": 2, "d_model": 16,
                                          "max_seq_len": 64,
-                                         "position": {"scheme": scheme, "rope_scaling": scaling}})).eval()
+                                         "position": {"scheme": scheme, "rope_scaling": scaling}}, "model")).eval()
         export = save_hf(model, tok, tmp_path / f"{scheme}-{context}-{bool(scaling)}", context=context)
         lm = HFLM(pretrained=str(export), trust_remote_code=scheme != "rope", device="cpu", batch_size=1)
         assert lm.max_length == expected == lm.tokenizer.model_max_length
@@ -81,6 +83,7 @@ def test_lm_eval_generate_until_in_batches_matches_native_greedy(tiny_config, tm
 
     from bifocal.data_pipeline.loader import PreparedData
     from bifocal.eval.generate import generate
+    from bifocal.core.settings import build
     from bifocal.model import GPT, GPTConfig
     from bifocal.model.hf.hf_io import save_hf
 
@@ -88,8 +91,8 @@ def test_lm_eval_generate_until_in_batches_matches_native_greedy(tiny_config, tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = PreparedData(yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]).tokenizer()
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_dict({"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "d_model": 32,
-                                     "position": {"scheme": "pope"}})).eval()
+    model = GPT(build(GPTConfig, {"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "d_model": 32,
+                                     "position": {"scheme": "pope"}}, "model")).eval()
     export = save_hf(model, tok, tmp_path / "export")
     prompts = ["It is a truth universally", "def f(x):\n    return", "Mr. Darcy", "import os\nimport sys\n\ndef main("]
     (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))

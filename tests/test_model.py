@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bifocal.core.settings import build
 from bifocal.core.errors import BifocalError
 from bifocal.model import GPT, GPTConfig, RopeScaling
 from bifocal.model.position import PositionContext, make_context, scaled_inv_freq
@@ -21,7 +22,7 @@ def tiny(scheme: str, **kw) -> GPTConfig:
     pos = kw.pop("position", {})
     base["position"].update(pos)
     base.update(kw)
-    return GPTConfig.from_dict(base)
+    return build(GPTConfig, base, "model")
 
 
 def model(scheme: str, seed: int = 0, **kw) -> GPT:
@@ -274,8 +275,8 @@ def test_eval_at_8x_training_length(scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_loss_falls_on_a_periodic_sequence(scheme):
     torch.manual_seed(0)
-    cfg = GPTConfig.from_dict(dict(vocab_size=16, n_layer=2, n_head=4, d_model=32, max_seq_len=32,
-                                   position={"scheme": scheme, "spectral_lr_mult": 5.0}))
+    cfg = build(GPTConfig, dict(vocab_size=16, n_layer=2, n_head=4, d_model=32, max_seq_len=32,
+                                   position={"scheme": scheme, "spectral_lr_mult": 5.0}), "model")
     m = GPT(cfg)
     opt = torch.optim.AdamW(m.param_groups(0.0), lr=3e-3)
     period = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5])
@@ -299,14 +300,14 @@ def test_loss_falls_on_a_periodic_sequence(scheme):
     ({"n_head": 3}, "model.n_head=3"),
     ({"position": {"scheme": "bifocal", "spectral_heads": 5}}, "model.position.spectral_heads=5"),
     ({"position": {"scheme": "bifocal", "spectral_heads": -1}}, "spectral_heads=-1"),
-    ({"position": {"scheme": "alibi"}}, "one of rope, spectral, bifocal, pope, nope"),
+    ({"position": {"scheme": "alibi"}}, "one of rope, bifocal, spectral, pope, nope"),
     ({"n_haed": 4}, "did you mean `n_head`"),
     ({"position": {"rope_scaling": {"type": "linear"}}}, "model.position.rope_scaling.type='linear'"),
     ({"n_head": 4, "n_kv_head": 3}, "n_kv_head=3"),
 ])
 def test_invalid_configs_name_key_value_and_allowed(bad, needle):
     with pytest.raises(BifocalError) as err:
-        GPTConfig.from_dict({"d_model": 32, **bad})
+        build(GPTConfig, {"d_model": 32, **bad}, "model")
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

@@ -8,6 +8,7 @@ import json
 import torch
 
 from ..gpt import GPT
+from ..schemes import SCHEMES
 
 def model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) -> str:
     cfg = model.cfg
@@ -25,13 +26,7 @@ def model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) -> 
         ("parameters", f"{model.num_params(non_embedding=False):,} ({model.num_params():,} non-embedding)"),
         ("weights dtype", str(dtype).replace("torch.", "")),
     ]
-    about = {
-        "rope": "every head uses fixed RoPE",
-        "spectral": "every head uses learnable Spectral-RoPE (frequency Omega, amplitude A, phase Phi)",
-        "bifocal": "per layer, some heads use fixed RoPE and the others learnable Spectral-RoPE (Omega, A, Phi)",
-        "pope": "PoPE polar position embeddings with learnable key phase offsets",
-        "nope": "no position encoding (the causal mask alone carries order)",
-    }[pos.scheme]
+    about = SCHEMES[pos.scheme].about
     lines = ["---", "library_name: transformers", f"tags: [bifocal, causal-lm, position-{pos.scheme}]", "---", "",
              f"# bifocal GPT, `{pos.scheme}` positions", "",
              f"A decoder-only GPT (pre-norm RMSNorm, SwiGLU, Llama layout) trained with bifocal; {about}.", "",

@@ -26,7 +26,7 @@ class BifocalConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(self, bifocal: dict[str, Any] | None = None, use_cache: bool = True, **kwargs: Any) -> None:
-        cfg = GPTConfig.from_dict(bifocal)  # validates; None gives the defaults
+        cfg = GPTConfig(**(bifocal or {}))  # validates (its own checks); None gives the defaults
         self.bifocal = cfg.to_dict()
         self.use_cache = use_cache
         for key in _DERIVED:
@@ -45,4 +45,4 @@ class BifocalConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=cfg.tie_embeddings, **kwargs)
 
     def gpt_config(self) -> GPTConfig:
-        return GPTConfig.from_dict(self.bifocal)
+        return GPTConfig(**self.bifocal)

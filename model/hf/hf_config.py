@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
+from bifocal.core.settings import build
+
 from ..config import GPTConfig
+from ..schemes import SCALINGS, SCHEMES
 
 CONFIG = "config.json"
 AUTO_MAP = {"AutoConfig": "configuration_bifocal.BifocalConfig",
@@ -35,23 +38,25 @@ def llama_rope(cfg: GPTConfig) -> tuple[dict[str, Any], int] | None:
     base = float(pos.rope_base)
     if scaling is None:
         return {"rope_type": "default", "rope_theta": base}, cfg.max_seq_len
+    rope_type = SCALINGS[scaling.type].transformers
+    if rope_type is None:
+        return None
     s, d = float(scaling.factor), cfg.head_dim
-    context = intended_context(cfg)
-    if scaling.type == "pi":
-        return {"rope_type": "linear", "factor": s, "rope_theta": base}, context
-    if scaling.type == "ntk":
-        return {"rope_type": "default", "rope_theta": base * s ** (d / (d - 2))}, context
-    if scaling.type == "yarn":
-        return {"rope_type": "yarn", "factor": s, "rope_theta": base,
-                "original_max_position_embeddings": scaling.original_max_len,
-                "beta_fast": float(scaling.beta_fast), "beta_slow": float(scaling.beta_slow)}, context
-    return None
+    params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": base}
+    if scaling.type == "ntk":  # plain RoPE with the enlarged base
+        params["rope_theta"] = base * s ** (d / (d - 2))
+    elif rope_type == "linear":
+        params["factor"] = s
+    elif rope_type == "yarn":
+        params.update(factor=s, original_max_position_embeddings=scaling.original_max_len,
+                      beta_fast=float(scaling.beta_fast), beta_slow=float(scaling.beta_slow))
+    return params, intended_context(cfg)
 
 
 def is_llama_compatible(cfg: GPTConfig) -> bool:
     """rope (with no scaling, or one transformers computes identically) is Llama exactly (same
     layout, norms and rotation)."""
-    return cfg.position.scheme == "rope" and llama_rope(cfg) is not None
+    return SCHEMES[cfg.position.scheme].llama and llama_rope(cfg) is not None
 
 
 def llama_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
@@ -166,7 +171,7 @@ def gpt_config_of(path: str | Path) -> tuple[GPTConfig, str]:
     if model_type == "bifocal":
         if "bifocal" not in d:
             raise ValueError(f"{p / CONFIG}: model_type bifocal without a `bifocal` section")
-        return GPTConfig.from_dict(d["bifocal"]), model_type
+        return build(GPTConfig, d["bifocal"], "bifocal"), model_type
     if model_type == "llama":
         return gpt_config_from_llama(d, p / CONFIG), model_type
     raise ValueError(f"{p / CONFIG}: model_type {model_type!r} is not an exported bifocal model (llama or bifocal)")

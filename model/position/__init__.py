@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import GPTConfig
+from ..schemes import scheme
 from .base import PositionContext, PositionEncoding
 from .fixed import FixedRotary, NoPosition
 from .pope import PolarPosition
@@ -19,15 +20,20 @@ __all__ = [
 ]
 
 
+# The classes registry entries name (model/schemes.py `Scheme.module`).
+MODULES: dict[str, type[PositionEncoding]] = {c.__name__: c for c in (FixedRotary, SpectralRotary, PolarPosition,
+                                                                      NoPosition)}
+
+
 def build_position(cfg: GPTConfig) -> PositionEncoding:
-    """The per-layer position module for `cfg.position.scheme`."""
+    """The per-layer position module: SpectralRotary when the layer has spectral heads (bifocal's
+    fixed heads share its table), FixedRotary when every head is fixed RoPE, otherwise the class
+    the scheme's registry entry names."""
     if cfg.n_spectral_heads:
-        return SpectralRotary(cfg)  # with the fixed heads of a bifocal layer in the same module
+        return SpectralRotary(cfg)
     if cfg.n_fixed_heads:
         return FixedRotary()
-    if cfg.position.scheme == "pope":
-        return PolarPosition(cfg)
-    return NoPosition()
+    return MODULES[scheme(cfg.position.scheme).module](cfg)
 
 
 def make_context(cfg: GPTConfig, positions: torch.Tensor) -> PositionContext:

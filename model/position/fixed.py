@@ -19,5 +19,8 @@ class FixedRotary(PositionEncoding):
 class NoPosition(PositionEncoding):
     """NoPE: the causal mask alone carries order. A control."""
 
+    def __init__(self, cfg: object = None) -> None:
+        super().__init__()
+
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         return q, k
