@@ -19,6 +19,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def extensions_dir() -> Path:
+    """Where DeepSpeed's just-in-time ops are cached: one folder per DeepSpeed and torch version,
+    since an op built by one DeepSpeed (a CI lane, another venv) fails to load in another
+    (`shm_comm_op` lacks `vector_kernel_level` when 0.19.8 loads 0.19.0's build)."""
+    from importlib.metadata import version
+
+    return Path.home() / ".cache" / "bifocal" / "torch_extensions" / f"deepspeed-{version('deepspeed')}-torch-{torch.__version__}"
+
+
 def setup_environment(threads: int | None = None) -> None:
     """Take the ranks from Slurm under `srun`, else make a lone process look like rank 0 of 1
     (else DeepSpeed reaches for MPI); cache the compiled shared-memory op in a fixed place (else
@@ -27,7 +36,7 @@ def setup_environment(threads: int | None = None) -> None:
         lone = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.update(slurm.rank_environment(os.environ) or lone)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bifocal" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if not torch.cuda.is_available():
         # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
