@@ -9,9 +9,16 @@ from bifocal.model import GPT
 
 
 def model_name(path: str | Path) -> str:
+    """The one name every result gives a model: its training run's. A run directory is named by
+    itself; an export by the run recorded in its config.json at export (`bifocal_run`), else by
+    its directory (an export written by other means)."""
+    import json
+
     p = Path(path).resolve()
-    # An export inside a run (RUN/export) is named after the run.
-    return p.parent.name if p.name == "export" else p.name
+    try:
+        return str(json.loads((p / "config.json").read_text())["bifocal_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return p.name
 
 
 def model_scheme(model: GPT) -> str:

@@ -47,6 +47,7 @@ from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 from bifocal.model.loss import cross_entropy
 
+from .describe import model_name
 from .protocol import MinContext, context_tokens, describe_protocol, parse_protocol, protocol_name, protocol_slug
 
 Documents = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
@@ -497,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
     print("the same targets at every length" if same else
           "the scored targets differ between lengths (documents shorter than the longest length, or --max-tokens)")
     top = max(r["factor"] for r in rows) if args.rope_scaling else 1.0
-    result = EvalResult(kind="ppl", model=model_path.resolve().name, scheme=scheme, rows=rows,
+    result = EvalResult(kind="ppl", model=model_name(model_path), scheme=scheme, rows=rows,
                         variant=args.rope_scaling or "none", factor=top, train_len=train_len,
                         convention=convention if args.rope_scaling else "fixed",
                         extra={"data": described, "protocol": protocol, "same_targets": same,

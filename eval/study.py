@@ -38,54 +38,106 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import StrictFloat, StrictInt
 
 from bifocal import configs
-from bifocal.core.config import deep_merge, nearest, nest, parse_overrides, yaml_mapping
+from bifocal.core.config import SETTINGS, check, deep_merge, nest, parse_overrides, yaml_mapping
 from bifocal.core.errors import BifocalError
+from bifocal.core.settings import build
 from bifocal.model.config import GPTConfig
 from bifocal.model.schemes import SCALINGS, SCHEMES, studied, with_fixed_heads
-from bifocal.run.config import CONFIG_DIR, expand
+from bifocal.run.config import CONFIG_DIR, SECTIONS, expand
 
 from .protocol import context_tokens, parse_protocol, protocol_slug
 from .significance import Analysis, parse_analysis
 
 STUDY_DIR = CONFIG_DIR / "study"
-RUN_SECTIONS = ("model", "data", "train", "optim", "deepspeed")  # `--set train.x=1` means base.train.x
 
 
 @dataclass
 class StudyEval:
-    # Of the training length. Below 1 (e.g. 0.25) scores windows shorter than training: a model
-    # that uses its context has a higher perplexity there than at 1x.
-    length_multiples: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    # Perplexity protocols (protocol.py): "windows" (non-overlapping), "context>=0.75L" (every
-    # target with 3L/4 .. L tokens of context), ...; each evaluated at every length.
+    __pydantic_config__ = SETTINGS
+    length_multiples: list[StrictInt | StrictFloat] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Evaluation lengths, in multiples of the training length; below 1 (e.g. 0.25) scores windows
+    shorter than training, where a model that uses its context has a higher perplexity."""
     protocols: list[str] = field(default_factory=lambda: ["windows"])
+    """Perplexity protocols (eval/protocol.py), each at every length: windows (non-overlapping),
+    "context>=0.75L" (every target with 3L/4 .. L tokens of context), ..."""
     scaling_variants: list[str] = field(default_factory=lambda: list(SCALINGS))
+    """Training-free RoPE scalings evaluated on the fixed-frequency heads (model/schemes.py)."""
     scaling_schemes: list[str] = field(default_factory=with_fixed_heads)
-    # fixed: one factor (scaling_factor) at every length; matched: s = max(1, L / L_train) at each
-    # length L (dynamic NTK: factor 1, with which it computes that s itself).
+    """Schemes whose fixed-frequency heads are also evaluated under each scaling."""
     scaling_conventions: list[str] = field(default_factory=lambda: ["fixed", "matched"])
-    scaling_factor: float | None = None  # the fixed factor; None: the largest multiple
-    first_target: int | None = None  # None: the largest min context over protocols at the longest length
-    targets_per_doc: int | None = None  # None: every target to the end of each document
+    """fixed: one factor (scaling_factor) at every length; matched: s = max(1, L / L_train) at each
+    length L (dynamic NTK: factor 1, with which it computes that s itself)."""
+    scaling_factor: float | None = None
+    """The fixed convention's factor (null: the largest length multiple)."""
+    first_target: int | None = None
+    """The first scored token of every document (null: the largest min context over the protocols
+    at the longest length, so every protocol and length scores the same targets)."""
+    targets_per_doc: int | None = None
+    """Targets scored per document (null: to the end of each document)."""
     max_docs: int | None = None
-    max_tokens: int | None = None  # a cap per length; the scored targets then differ between lengths
-    batch_size: int | None = None  # windows per batch; None: about 16k tokens a batch (perplexity.py)
+    """Documents per length at most (null: every validation document long enough)."""
+    max_tokens: int | None = None
+    """A cap on scored tokens per length (the scored targets then differ between lengths)."""
+    batch_size: int | None = None
+    """Windows per batch (null: about 16k tokens a batch)."""
     device: str | None = None
-    # Evaluate the checkpoint saved at this training step instead of the final model (e.g. the
-    # midpoint of the schedule); a run that already holds it is not trained further. Results and
-    # report go to OUT/step<N>/.
+    """Where evaluation runs (null: cuda if present, else cpu)."""
     step: int | None = None
+    """Evaluate the checkpoint of this training step instead of the final model (e.g. the schedule's
+    midpoint); a run that holds it is not trained further. Results and report go to OUT/step<N>/."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.length_multiples) and all(m > 0 for m in self.length_multiples), "length_multiples",
+              self.length_multiples, "a non-empty list of positive numbers")
+        check(bool(self.protocols), "protocols", self.protocols, "name at least one protocol, e.g. [windows]")
+        for name in self.protocols:
+            try:
+                parse_protocol(str(name))
+            except ValueError as exc:
+                raise BifocalError(f"protocols: {exc}") from None
+        bad = [v for v in self.scaling_variants if v not in SCALINGS]
+        check(not bad, "scaling_variants", bad, f"each one of {', '.join(SCALINGS)}")
+        bad = [c for c in self.scaling_conventions if c not in ("fixed", "matched")]
+        check(not bad, "scaling_conventions", bad, "each fixed or matched")
+        for key in ("first_target", "targets_per_doc", "max_docs", "max_tokens", "step"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, key, value, "must be a positive integer or null")
+
+
+@dataclass
+class StudyFile:
+    """A study YAML, as declared (configs/study/*.yaml; see the module docstring)."""
+
+    __pydantic_config__ = SETTINGS
+    base: dict[str, Any] | str = field(default_factory=dict)
+    """The base run config: sections and/or `include:` (relative to the study file), or a path."""
+    schemes: list[str] = field(default_factory=studied)
+    """The schemes compared (default: every scheme but the controls, model/schemes.py)."""
+    seeds: int | list[int] | None = None
+    """N (train.seed, +1, ... +N-1) or a list of seeds; runs are then named <scheme>-s<seed>."""
+    label: str | None = None
+    """Tags the result rows `scheme[label]`, so an ablation is reported beside the main study."""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per scheme, dotted run-config keys -> values (at least model.position.scheme)."""
+    eval: StudyEval = field(default_factory=StudyEval)
+    """What each trained run is evaluated on."""
+    analysis: dict[str, Any] | None = None
+    """Fixed before the run: the endpoints and comparisons the report tests (eval/significance.py)."""
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.schemes if s not in SCHEMES]
+        check(bool(self.schemes) and not bad, "schemes", bad or self.schemes, f"each one of {', '.join(SCHEMES)}")
+        check(self.label is None or bool(re.fullmatch(r"[A-Za-z0-9_.=,-]+", self.label)), "label", self.label,
+              "letters, digits and _ . = , - only")
 
 
 @dataclass
@@ -118,11 +170,8 @@ class Study:
         return out
 
     def runs(self) -> list[tuple[str, int | None, str]]:
-        """(scheme, seed or None, run name) for every run: `scheme-s<seed>` when the study names
-        seeds (so studies over different seeds can share one OUT), else `scheme`."""
-        if not self.seeds:
-            return [(s, None, s) for s in self.schemes]
-        return [(s, seed, f"{s}-s{seed}") for s in self.schemes for seed in self.seeds]
+        """(scheme, seed or None, run name) for every run (see run_names)."""
+        return run_names(self.schemes, self.seeds)
 
 
 def _seed_list(value: Any, base: dict, where: str) -> list[int]:
@@ -164,69 +213,35 @@ def _base_config(base: Any, study_path: Path) -> dict:
 
 def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None,
                seeds: int | None = None, label: str | None = None) -> Study:
-    """Read and validate a study (a preset name or a YAML path), `--set`, `--schemes`,
-    `--seeds` and `--label` applied."""
+    """Read and validate a study (a preset name or a YAML path) against `StudyFile`, with `--set`
+    (run-config keys go to `base`), `--schemes`, `--seeds` and `--label` applied."""
     path = _preset_path(preset)
     raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
     sets = []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
-        sets.append(f"base.{item}" if key.split(".")[0] in RUN_SECTIONS else item)
+        sets.append(f"base.{item}" if key.split(".")[0] in SECTIONS else item)
     raw = deep_merge(raw, parse_overrides(sets))
-    known = ("base", "schemes", "seeds", "overrides", "eval", "label", "analysis")
-    for key in raw:
-        if key not in known:
-            raise BifocalError(f"{path}: unknown study key `{key}`: {nearest(str(key), known)}")
-    ev = raw.get("eval") or {}
-    fields = list(StudyEval.__dataclass_fields__)
-    for key in ev:
+    if schemes:
+        raw["schemes"] = [s.strip() for s in schemes.split(",") if s.strip()]
+    if label is not None:
+        raw["label"] = label
+    for key in (raw.get("eval") or {}) if isinstance(raw.get("eval"), dict) else ():
         if key in REMOVED_EVAL_KEYS:
             raise BifocalError(f"{path}: `eval.{key}` was removed: {REMOVED_EVAL_KEYS[key]}")
-        if key not in fields:
-            raise BifocalError(f"{path}: unknown key `eval.{key}`: {nearest(str(key), fields)}")
-    base = _base_config(raw.get("base") or {}, path)
-    study = Study(path=path, base=base, schemes=list(raw.get("schemes") or studied()),
-                  overrides=dict(raw.get("overrides") or {}), eval=StudyEval(**ev),
-                  seeds=_seed_list(seeds if seeds is not None else raw.get("seeds"), base,
-                                   "--seeds" if seeds is not None else str(path)))
-    if schemes:
-        study.schemes = [s.strip() for s in schemes.split(",") if s.strip()]
-    study.label = label if label is not None else raw.get("label")
-    if study.label is not None and (not isinstance(study.label, str)
-                                    or not re.fullmatch(r"[A-Za-z0-9_.=,-]+", study.label)):
-        raise BifocalError(f"{path}: label {study.label!r}: letters, digits and _ . = , - only")
-    for s in study.schemes:
-        if s not in SCHEMES:
-            raise BifocalError(f"scheme {s!r}: one of {', '.join(SCHEMES)}")
-    for v in study.eval.scaling_variants:
-        if v not in SCALINGS:
-            raise BifocalError(f"{path}: eval.scaling_variants: {v!r} is not one of {', '.join(SCALINGS)}")
-    for c in study.eval.scaling_conventions:
-        if c not in ("fixed", "matched"):
-            raise BifocalError(f"{path}: eval.scaling_conventions: {c!r} is not fixed or matched")
-    if not study.eval.protocols:
-        raise BifocalError(f"{path}: eval.protocols must name at least one protocol, e.g. [windows]")
-    for name in study.eval.protocols:
-        try:
-            parse_protocol(str(name))
-        except ValueError as exc:
-            raise BifocalError(f"{path}: eval.protocols: {exc}") from None
-    for key in ("first_target", "targets_per_doc", "max_docs", "max_tokens"):
-        v = getattr(study.eval, key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise BifocalError(f"{path}: eval.{key} must be a positive integer or null, got {v!r}")
-    multiples = study.eval.length_multiples
-    if not isinstance(multiples, list) or not multiples or any(
-            isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in multiples):
-        raise BifocalError(f"{path}: eval.length_multiples must be a non-empty list of positive numbers, got {multiples!r}")
+    try:
+        declared = build(StudyFile, raw)
+    except BifocalError as exc:
+        raise BifocalError(f"{path}: {exc}") from None
+    base = _base_config(declared.base, path)
+    study = Study(path=path, base=base, schemes=declared.schemes, overrides=declared.overrides, eval=declared.eval,
+                  seeds=_seed_list(seeds if seeds is not None else declared.seeds, base,
+                                   "--seeds" if seeds is not None else str(path)), label=declared.label)
     train_len = (study.base.get("model") or {}).get("max_seq_len")
     if isinstance(train_len, int):
-        study_lengths(multiples, train_len, str(path))
-    if study.eval.step is not None and (isinstance(study.eval.step, bool) or not isinstance(study.eval.step, int)
-                                        or study.eval.step < 1):
-        raise BifocalError(f"{path}: eval.step must be a positive integer (a training step with a checkpoint)")
-    if raw.get("analysis") is not None:
-        study.analysis = parse_analysis(raw["analysis"], str(path))
+        study_lengths(study.eval.length_multiples, train_len, str(path))
+    if declared.analysis is not None:
+        study.analysis = parse_analysis(declared.analysis, str(path))
         if study.label:  # the study's rows read `scheme[label]...`: so do its declared comparisons
             tag = lambda name: re.sub(r"^([a-z]+)", lambda m: study.model_name(m.group(1)), name)  # noqa: E731
             a = study.analysis
@@ -268,22 +283,41 @@ def _check_analysis(study: Study, where: str) -> None:
 # Training
 
 
-def _finished(run_dir: Path, max_steps: int) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("step") == max_steps
-    except (OSError, ValueError):
-        return False
+def run_names(schemes: list[str], seeds: list[int]) -> list[tuple[str, int | None, str]]:
+    """(scheme, seed or None, run name) of every run of a study, for extrapolation and task studies
+    alike: `scheme-s<seed>` when the study names seeds (so studies over different seeds can share
+    one OUT), else `scheme` with the config's own seed."""
+    if not seeds:
+        return [(s, None, s) for s in schemes]
+    return [(s, seed, f"{s}-s{seed}") for s in schemes for seed in seeds]
+
+
+def train_run(config: Path, out: Path, name: str, max_steps: int, sets: list[str] | tuple[str, ...] = ()) -> Path:
+    """Train OUT/runs/<name> from `config` (+ `--set` overrides) in a child process (the one way a
+    study trains: bifocal.run.train_process), logging to OUT/logs/train-<name>.log; a finished run
+    is reused, a checkpointed one resumed."""
+    from bifocal.run import train_process
+
+    run_dir = out / "runs" / name
+    log = out / "logs" / f"train-{name}.log"
+    t0 = time.perf_counter()
+    print(f"[study] {name}: training {max_steps} steps -> {run_dir} (log {log})", flush=True)
+    if not train_process.train(config, run_dir, max_steps, log, sets):
+        print(f"[study] {name}: finished run found in {run_dir}, reusing it", flush=True)
+        return run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"[study] {name}: trained in {time.perf_counter() - t0:.0f} s, "
+          f"val loss {summary.get('val_loss') or float('nan'):.4f}", flush=True)
+    return run_dir
 
 
 def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, name: str | None = None) -> Path:
-    """Train one scheme (with one seed) with `bifocal train` in a subprocess into OUT/runs/<name>
-    (skipped when finished, resumed when a checkpoint exists)."""
-    from bifocal.run import checkpoint
+    """Train one scheme (with one seed) into OUT/runs/<name> from the exact run config written to
+    OUT/configs/<name>.yaml."""
     from bifocal.run.config import build_config
 
     name = name or scheme
-    raw = study.run_config(scheme, seed)
-    raw = deep_merge(raw, {"train": {"run_name": name}})
+    raw = deep_merge(study.run_config(scheme, seed), {"train": {"run_name": name}})
     try:
         cfg = build_config(raw)
     except BifocalError as exc:
@@ -293,29 +327,7 @@ def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, 
     cfg_path = out / "configs" / f"{name}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run_dir = out / "runs" / name
-    if _finished(run_dir, cfg.train.max_steps):
-        print(f"[study] {name}: finished run found in {run_dir}, reusing it", flush=True)
-        return run_dir
-    cmd = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(cfg_path),
-           "--run-dir", str(run_dir)]
-    if checkpoint.complete_checkpoints(run_dir):
-        cmd.append("--resume")
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)  # a start that died before its first checkpoint holds nothing to keep
-    print(f"[study] {name}: training {cfg.train.max_steps} steps -> {run_dir}", flush=True)
-    t0 = time.perf_counter()
-    log = out / "logs" / f"train-{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not _finished(run_dir, cfg.train.max_steps):
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise BifocalError(f"training {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"[study] {name}: trained in {time.perf_counter() - t0:.0f} s, "
-          f"val loss {summary.get('val_loss', float('nan')):.4f}", flush=True)
-    return run_dir
+    return train_run(cfg_path, out, name, cfg.train.max_steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ budget and seed, evaluate each in and out of distribution, and write one report.
 Layout of OUT (default runs/study-tasks-TASK), <run> = the scheme, or <scheme>-s<seed> with
 `--seeds N` (training seeds train.seed, +1, ...; the report gives mean ± std):
   data/                  the prepared task data, shared by all runs
-  runs/<run>/            one `bifocal train` run per scheme and seed (finished runs are skipped)
+  runs/<run>/            one `bifocal train` run per scheme and seed (finished runs are reused), logs/train-<run>.log
   results/<run>.json     `bifocal eval tasks` results
   spectrum/<run>/        learned frequencies against 2*pi/p (modular, schemes with spectral heads)
   report.md, report.json, tasks.png
@@ -13,9 +13,6 @@ Layout of OUT (default runs/study-tasks-TASK), <run> = the scheme, or <scheme>-s
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 
@@ -24,6 +21,7 @@ from bifocal.core.errors import BifocalError
 from bifocal.model.schemes import SCHEMES, studied
 
 from .results import EvalResult
+from .study import run_names, train_run
 
 
 
@@ -34,17 +32,9 @@ def task_config(task: str) -> Path:
     return path
 
 
-def _finished_step(run_dir: Path) -> int | None:
-    try:
-        return int(json.loads((run_dir / "summary.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides: list[str],
                  seed: int | None = None, name: str | None = None) -> Path:
-    """Train (or finish) OUT/runs/<name>; a run that already reached `steps` is left as is."""
-    from bifocal.run.checkpoint import complete_checkpoints
+    """Train (or finish, or reuse) OUT/runs/<name> on the task's config with the study's runner."""
     from bifocal.run.config import load_config
 
     name = name or scheme
@@ -55,25 +45,7 @@ def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides
         sets.append(f"train.max_steps={steps}")
     if seed is not None:
         sets.append(f"train.seed={seed}")
-    target = load_config(cfg_path, sets).train.max_steps
-    run_dir = out / "runs" / name
-    done = _finished_step(run_dir)
-    if done is not None and done >= target:
-        print(f"[{name}] finished at step {done}: skipped")
-        return run_dir
-    cmd = [sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(cfg_path),
-           "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
-    if complete_checkpoints(run_dir):
-        cmd.append("--resume")
-    print(f"[{name}] training {target} steps -> {run_dir}", flush=True)
-    log = run_dir.parent / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
-        raise BifocalError(f"training {name} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
-    return run_dir
+    return train_run(cfg_path, out, name, load_config(cfg_path, sets).train.max_steps, sets)
 
 
 def modulus_of(task: str, overrides: list[str]) -> int | None:
@@ -107,19 +79,21 @@ def frequency_section(out: Path, spectra: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def seed_runs(task: str, schemes: list[str], seeds: int, overrides: list[str]) -> list[tuple[str, int | None, str]]:
-    """(scheme, training seed, run name): one run per scheme, or per scheme and seed. The seed is
-    always given (a single-seed study too), so results of separate studies combine in one report."""
+def seed_runs(task: str, schemes: list[str], seeds: int | None, overrides: list[str]) -> list[tuple[str, int, str]]:
+    """(scheme, training seed, run name), named as every study names its runs (study.run_names).
+    The seed is always given (the config's when the study names none), so results of separate
+    studies combine in one report."""
     from bifocal.run.config import load_config
 
     first = load_config(task_config(task), overrides).train.seed
-    if seeds <= 1:
-        return [(s, first, s) for s in schemes]
-    return [(s, first + i, f"{s}-s{first + i}") for s in schemes for i in range(seeds)]
+    return [(s, first if seed is None else seed, name)
+            for s, seed, name in run_names(schemes, [first + i for i in range(seeds)] if seeds else [])]
 
 
 def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: int, seed: int,
-              overrides: list[str], seeds: int = 1) -> dict[str, Path]:
+              overrides: list[str], seeds: int | None = None) -> dict[str, Path]:
+    from bifocal.run import train_process
+
     from . import spectrum, tasks_eval
     from .report import write_report
     from .results import load
@@ -130,19 +104,21 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
     for scheme, train_seed, name in seed_runs(task, schemes, seeds, overrides):
         run_dir = train_scheme(task, scheme, out, steps, overrides, train_seed, name)
         res_path = out / "results" / f"{name}.json"
-        # A result older than the run's summary was made from an earlier, shorter run; one without
-        # the held-out count predates held-out test instances.
-        stale = res_path.is_file() and (res_path.stat().st_mtime < (run_dir / "summary.json").stat().st_mtime
-                                        or "held_out_fraction" not in load(res_path).extra)
-        if res_path.is_file() and not stale:
+        settings = {"task": task, "n": n, "seed": seed, "train_seed": train_seed,
+                    "step": train_process.finished_step(run_dir)}
+        # The same rule as the extrapolation study: a result is reused when it was made with the
+        # same settings from the same trained step (and predates nothing: it counts held-out prompts).
+        current = res_path.is_file() and load(res_path).extra.get("settings") == settings
+        if current:
+            print(f"[study] {name}: result is current, reusing it", flush=True)
             results.append(load(res_path))
         else:
-            print(f"[{name}] evaluating", flush=True)
+            print(f"[study] {name}: evaluating", flush=True)
             result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed,
-                                      model_label=scheme)
+                                      model_label=scheme, settings=settings)
             results.append(result)
         print(tasks_eval.format_table(results[-1].rows), flush=True)
-        if p is not None and scheme in ("bifocal", "spectral"):
+        if p is not None and SCHEMES[scheme].spectral != "none":
             spectra[name], _ = spectrum.run(run_dir, out=out / "spectrum" / name, modulus=p)
     paths = write_report(results, out)
     section = frequency_section(out, spectra)
@@ -157,10 +133,10 @@ def main(args: argparse.Namespace) -> int:
     bad = [s for s in schemes if s not in SCHEMES]
     if bad or not schemes:
         raise BifocalError(f"--schemes: unknown scheme(s) {', '.join(bad) or '(none)'}; "
-                           f"choose from rope, bifocal, spectral, pope, nope")
+                           f"choose from {', '.join(SCHEMES)}")
     if args.steps is not None and args.steps < 1:
         raise BifocalError(f"--steps must be >= 1, got {args.steps}")
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise BifocalError(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out or f"runs/study-tasks-{args.task}")
     paths = run_study(args.task, schemes, out, args.steps, args.n, args.seed, list(args.overrides), args.seeds)

@@ -202,11 +202,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: str | None = None,
         out: str | Path | None = None, train_seed: int | None = None,
-        model_label: str | None = None) -> tuple[EvalResult, Path]:
+        model_label: str | None = None, settings: dict | None = None) -> tuple[EvalResult, Path]:
     """Evaluate the model at `model_path` on `task` (`seed`: the examples' seed; `train_seed`, if
     given, is recorded so a report averages over training seeds); write and return the result.
     `model_label` names the report row (default: the run directory's name); the runs of one scheme
-    with different seeds share it, so the report averages them instead of listing each run."""
+    with different seeds share it, so the report averages them instead of listing each run.
+    `settings` (a study's) are recorded in the result, which a study reuses while they match."""
     from .loading import load_model
 
     if n < 1:
@@ -221,6 +222,8 @@ def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: 
                                "training_data": data, "training_prompts": None if seen is None else len(seen)})
     if train_seed is not None:
         result.extra["train_seed"] = train_seed
+    if settings is not None:
+        result.extra["settings"] = settings
     path = Path(out) if out else default_out(model_path, f"tasks-{task}.json")
     result.save(path)
     return result, path

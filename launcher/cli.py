@@ -175,8 +175,9 @@ def _study(sub: argparse._SubParsersAction) -> None:
     tks.add_argument("--out", default=None, help="study directory (default: runs/study-tasks-TASK)")
     tks.add_argument("--n", type=int, default=200, help="evaluation examples per setting")
     tks.add_argument("--seed", type=int, default=1, help="evaluation example seed")
-    tks.add_argument("--seeds", type=int, default=1,
-                     help="train every scheme with N seeds (train.seed, +1, ...); report mean ± std")
+    tks.add_argument("--seeds", type=int, default=None,
+                     help="train every scheme with N seeds (train.seed, +1, ...; runs named <scheme>-s<seed>); "
+                          "report mean ± std")
     _add_set(tks, "the task config for every run")
     tks.set_defaults(handler="bifocal.eval.study_tasks:main")
 

@@ -46,7 +46,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
 
             model, _ = checkpoint.load_run_model(run_dir, step=found[0])
             save_hf(model, run_dir / "tokenizer", tmp, dtype=dtype, max_shard_size=max_shard_size,
-                    extra_card=card_extras(run_dir, found[0]), context=context)
+                    extra_card=card_extras(run_dir, found[0]), context=context, run_name=run_dir.resolve().name)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -75,6 +75,31 @@ def test_imports_follow_the_layers() -> None:
     assert violations() == []
 
 
+def launcher_strings(path: Path) -> list[int]:
+    """Lines of string literals (docstrings aside) that name bifocal.launcher: a command line."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docs and "bifocal.launcher" in node.value]
+
+
+def test_only_the_launcher_names_the_launcher() -> None:
+    """Studies start training runs through bifocal.run.train_process (`python -m bifocal train`),
+    never by naming the launcher's modules on a command line, around the layer rule."""
+    found = [f"{path.relative_to(ROOT)}:{line}" for package in ALLOWED if package != "launcher"
+             for path in sorted((ROOT / package).rglob("*.py")) for line in launcher_strings(path)]
+    assert found == []
+
+
+def test_the_launcher_check_sees_command_lines_not_docstrings(tmp_path: Path) -> None:
+    probe = tmp_path / "study.py"
+    probe.write_text('"""Trains with bifocal.launcher, said in a docstring."""\n\n'
+                     'def f():\n    """Also bifocal.launcher here."""\n    return ["python", "-m", "bifocal.launcher.cli"]\n')
+    assert launcher_strings(probe) == [5]
+
+
 def test_the_check_sees_function_level_and_relative_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The parser must resolve `from ..x import y` and imports inside functions, or the test above
     # would pass vacuously.

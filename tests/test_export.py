@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from bifocal.run.checkpoint import consolidated_state_dict, latest_checkpoint, load_run_model
 
@@ -74,6 +75,26 @@ def test_rope_run_exports_as_plain_llama(tiny_config, tmp_path):
             return logits.log_softmax(-1)[0, n_ctx - 1:-1].gather(-1, whole[0, n_ctx:, None]).sum().item()
 
         assert loglik(hf(whole).logits) == pytest.approx(loglik(native(whole)[0]), abs=1e-4)
+
+
+def test_every_result_names_the_model_after_its_run(tiny_config, tmp_path):
+    """One naming rule: eval ppl, passkey and spectrum on a run and on its export (whatever the
+    export's folder is called) all name the model after the training run."""
+    run = tmp_path / "my-run"
+    run_cli(["train", "--config", str(tiny_config), "--set", "train.max_steps=2", "--run-dir", str(run)], tmp_path)
+    export = tmp_path / "somewhere" / "export-v2"
+    run_cli(["export", str(run), "--out", str(export)], tmp_path)
+    assert json.loads((export / "config.json").read_text())["bifocal_run"] == "my-run"
+    data = yaml.safe_load(tiny_config.read_text())["data"]["prepared_dir"]
+    names = []
+    for model in (run, export):
+        ppl, pk = tmp_path / f"ppl-{model.name}.json", tmp_path / f"pk-{model.name}.json"
+        run_cli(["eval", "ppl", str(model), "--data", data, "--lengths", "16", "--max-docs", "1", "--out", str(ppl)],
+                tmp_path)
+        run_cli(["eval", "passkey", str(model), "--data", data, "--lengths", "32", "--trials", "1", "--out", str(pk)],
+                tmp_path)
+        names += [json.loads(ppl.read_text())["model"], json.loads(pk.read_text())["model"]]
+    assert names == ["my-run"] * 4
 
 
 def test_continued_pretraining_of_a_hf_llama(tiny_config, tmp_path):

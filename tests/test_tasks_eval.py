@@ -156,10 +156,11 @@ def test_study_tasks_smoke_with_seeds(tmp_path):
     # A result from before held-out test instances is evaluated again; finished runs are not retrained.
     old = study / "results" / "bifocal-s7.json"
     data = json.loads(old.read_text())
-    del data["extra"]["held_out_fraction"]
+    del data["extra"]["held_out_fraction"], data["extra"]["settings"]
     old.write_text(json.dumps(data))
     again = run_cli(args, cwd=tmp_path)
-    assert again.stdout.count("skipped") == 2 and again.stdout.count("evaluating") == 1
+    assert again.stdout.count("finished run found") == 2 and again.stdout.count("evaluating") == 1
+    assert again.stdout.count("result is current") == 1
     assert "held_out_fraction" in results.load(old).extra
     # A single-seed study records its training seed too, so separate studies combine in one report.
     single = [a for a in args if a not in ("--seeds", "2")][:-1] + ["train.seed=9"]

@@ -24,6 +24,7 @@ from .hf_config import CONFIG, bifocal_config_dict, gpt_config_of, intended_cont
 from .hf_tokenizer import write_tokenizer
 from .names import hf_state_dict, native_state_dict
 
+RUN_NAME_KEY = "bifocal_run"  # config.json: the name of the training run an export came from
 CODE_ENTRIES = ["hf/configuration_bifocal.py", "hf/modeling_bifocal.py"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -38,7 +39,8 @@ def geometry_metadata(cfg: GPTConfig) -> dict[str, str]:
 
 
 def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype: torch.dtype | str = torch.float32,
-            max_shard_size: int | str = "2GB", extra_card: dict | None = None, context: int | None = None) -> Path:
+            max_shard_size: int | str = "2GB", extra_card: dict | None = None, context: int | None = None,
+            run_name: str | None = None) -> Path:
     """Write a Hugging Face directory: config.json, safetensors weights (sharded with an index
     above `max_shard_size`), tokenizer, generation_config.json and a README.md model card
     (`extra_card`: e.g. {"training_config": ..., "final_metrics": ...}).
@@ -46,7 +48,8 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
     `tokenizer_dir_or_files`: a directory, a tokenizer.json / .model file, a list of files, a
     transformers tokenizer or a bifocal TextTokenizer; None exports without a tokenizer.
     `context`: the intended context declared as max_position_embeddings and the tokenizer's
-    model_max_length (what lm-eval uses as max_length); default `intended_context(cfg)`."""
+    model_max_length (what lm-eval uses as max_length); default `intended_context(cfg)`.
+    `run_name`: the training run it came from, recorded in config.json as `bifocal_run`."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
@@ -67,6 +70,8 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
 
         config = bifocal_config_dict(model.cfg, dtype, eos_id, context)
         write_code(out, CODE_ENTRIES)
+    if run_name is not None:
+        config[RUN_NAME_KEY] = run_name  # the name results give the model (bifocal.eval.describe.model_name)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         old.unlink()  # a re-export with other sharding must not leave stale shards behind
