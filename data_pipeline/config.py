@@ -161,6 +161,12 @@ class DataConfig:
     """Where the packed token shards are written (relative to the cwd)."""
     dedup: bool = True
     """Drop exact and near-duplicate documents (MinHash, Jaccard >= 0.8) before the split."""
+    positions: str = "continue"
+    """Positions inside a training window of packed documents: continue (0 .. T-1 across the
+    window) | reset (from 0 at each document start, as Llama 3 and OLMo train)."""
+    attention: str = "causal"
+    """causal (a token attends to every earlier token of its window) | document (never across a
+    document boundary; an SDPA mask)."""
 
     def __post_init__(self) -> None:
         check(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0, "sources", self.sources,
@@ -176,3 +182,5 @@ class DataConfig:
         check(isinstance(self.prepared_dir, str) and bool(self.prepared_dir), "prepared_dir", self.prepared_dir,
                "must be a non-empty path")
         check(isinstance(self.dedup, bool), "dedup", self.dedup, "must be true or false")
+        check(self.positions in ("continue", "reset"), "positions", self.positions, "one of continue, reset")
+        check(self.attention in ("causal", "document"), "attention", self.attention, "one of causal, document")

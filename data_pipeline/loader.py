@@ -13,6 +13,7 @@ Shards are memory-mapped; only the sampled windows are read.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import os
 import warnings
 from pathlib import Path
@@ -125,12 +126,49 @@ def _as_data(data: PreparedData | str | os.PathLike) -> PreparedData:
     return data if isinstance(data, PreparedData) else PreparedData(data)
 
 
+@dataclass
+class Batch:
+    """One micro-batch: `inputs` and `labels` (B, T), labels[t] the token after inputs[t]; with
+    packing, `positions` (B, T) restarting at each document and `documents` (B, T), each token's
+    document within its window (0, 1, ...), as GPT.forward takes them."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
+
+    def to(self, device: str | torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.inputs), move(self.labels), move(self.positions), move(self.documents))
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments GPT.forward takes besides inputs and labels (none for plain windows)."""
+        return {k: v for k, v in (("positions", self.positions), ("documents", self.documents)) if v is not None}
+
+
+def window_documents(offsets: np.ndarray, start: int, length: int) -> np.ndarray:
+    """(length,) int64: the document of each of the `length` input tokens from `start` in a shard
+    whose documents begin at `offsets`, counted from 0 at the window's first token."""
+    index = np.searchsorted(offsets, np.arange(start, start + length), side="right") - 1
+    return (index - index[0]).astype(np.int64)
+
+
+def reset_positions(documents: np.ndarray) -> np.ndarray:
+    """(..., T) positions that restart at 0 where `documents` (..., T) changes (the first segment of
+    a window starts at 0 too): Llama 3's and OLMo's positions for packed documents."""
+    T = documents.shape[-1]
+    index = np.broadcast_to(np.arange(T), documents.shape)
+    starts = np.ones(documents.shape, dtype=bool)
+    starts[..., 1:] = documents[..., 1:] != documents[..., :-1]
+    return (index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)).astype(np.int64)
+
+
 class WindowSampler:
     """Random (seq_len + 1)-token windows, mixed across sources by weight; see the module docstring."""
 
     def __init__(self, data: PreparedData | str, split: str, seq_len: int, micro_batch: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None,
-                 grad_accum: int = 1) -> None:
+                 grad_accum: int = 1, positions: str = "continue", attention: str = "causal") -> None:
         self.data = _as_data(data)
         if seq_len < 1 or micro_batch < 1 or world_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
             raise BifocalError(f"WindowSampler: invalid seq_len={seq_len}, micro_batch={micro_batch}, "
@@ -166,6 +204,9 @@ class WindowSampler:
         self.sources = names
         self.probs = np.asarray(probs, dtype=np.float64) / sum(probs)
         self._tokens = arrays
+        self._offsets = [self.data.offsets(name, split) for name in names]
+        # What a window of packed documents means to the model (data.positions, data.attention).
+        self.positions, self.attention = positions, attention
         self._starts = np.asarray([len(t) - seq_len for t in arrays], dtype=np.int64)  # valid starts per source
         self.counter = 0
         self._drawn: tuple[int, np.ndarray, np.ndarray] | None = None  # the current step's draw
@@ -183,18 +224,32 @@ class WindowSampler:
         return src, starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels), each (micro_batch, seq_len): the next micro-batch of this rank."""
+        batch = self.sample()
+        return batch.inputs, batch.labels
+
+    def sample(self) -> Batch:
+        """The next micro-batch of this rank, with the positions (`positions="reset"`) and documents
+        (`attention="document"`) the sampler was built for."""
         step, micro = divmod(self.counter, self.grad_accum)
         if self._drawn is None or self._drawn[0] != step:
             self._drawn = (step, *self.draw(step))
         _, src, starts = self._drawn
         self.counter += 1
         lo = (micro * self.world_size + self.rank) * self.micro_batch
-        rows = [self._tokens[s][t:t + self.seq_len + 1] for s, t in zip(src[lo:lo + self.micro_batch],
-                                                                        starts[lo:lo + self.micro_batch])]
-        for s, row in zip(src[lo:lo + self.micro_batch], rows):
+        src, starts = src[lo:lo + self.micro_batch], starts[lo:lo + self.micro_batch]
+        rows = [self._tokens[s][t:t + self.seq_len + 1] for s, t in zip(src, starts)]
+        for s, row in zip(src, rows):
             self.data.check_ids(row, self.sources[s], self.split)
         win = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+        batch = Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous())
+        if self.positions == "reset" or self.attention == "document":
+            docs = np.stack([window_documents(self._offsets[s], t, self.seq_len) for s, t in zip(src, starts)])
+            if self.attention == "document":
+                batch.documents = torch.from_numpy(docs)
+            if self.positions == "reset":
+                batch.positions = torch.from_numpy(reset_positions(docs))
+        return batch
 
     def state_dict(self) -> dict:
         return {"counter": self.counter, "seed": self.seed, "split": self.split, "seq_len": self.seq_len,

@@ -20,15 +20,14 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 
 from .config import DataConfig, SourceConfig
@@ -40,6 +39,7 @@ from .tokenizer import TextTokenizer, load_tokenizer, tokenizer_meta, train_toke
 
 SPLITS = ("train", "val")
 _BATCH_CHARS = 1_000_000  # text per encode_batch call: enough docs to keep threads busy, small to start soon
+log = logs.get_logger(__name__)
 
 
 def is_prepared(out_dir: str | os.PathLike) -> bool:
@@ -116,6 +116,7 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: 
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     fp = fingerprint(cfg)  # also fails fast on missing input files
+    log.debug(f"{out}: config and inputs fingerprint {fp}")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is fine to fill
         return _existing(out, fp)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -151,7 +152,7 @@ def _existing(out: Path, fp: str) -> Path:
     if not isinstance(meta, dict):
         raise BifocalError(f"{meta_path}: malformed meta.json (not a JSON object); delete the directory and prepare again")
     if meta.get("fingerprint") == fp and meta.get("format_version") == FORMAT_VERSION:
-        print(f"{out} is already prepared from the same config and inputs; reusing it")
+        log.info(f"{out} is already prepared from the same config and inputs; reusing it")
         return out
     raise BifocalError(f"{out} exists and was prepared from a different config; choose another --out or delete it")
 
@@ -161,7 +162,7 @@ def _build(cfg: DataConfig, tmp: Path, fp: str) -> dict:
     dtype = dtype_for(tok.vocab_size)
     run_id = secrets.token_bytes(8)
     t0 = time.perf_counter()
-    bar = tqdm(total=None, unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True, file=sys.stderr)
+    bar = logs.progress(desc="tokenizing", unit="B", unit_scale=True, log=log, dynamic_ncols=True)
     sources = []
     dedup = Deduplicator() if cfg.dedup else None  # across sources: a later source's copies go too
     try:
@@ -204,13 +205,12 @@ def _tokenizer(cfg: DataConfig, tmp: Path) -> TextTokenizer:
         tok.save(tmp)
         return tok
     total_w = sum(s.weight for s in cfg.sources)
-    print(f"training {tcfg.type} tokenizer (vocab {tcfg.vocab_size}) on up to {tcfg.train_chars / 1e6:.1f}M chars",
-          file=sys.stderr)
+    log.info(f"training {tcfg.type} tokenizer (vocab {tcfg.vocab_size}) on up to {tcfg.train_chars / 1e6:.1f}M chars")
 
     def sample() -> Iterator[str]:
         # Each source contributes in proportion to its weight, from documents that hash to train.
-        bar = tqdm(total=tcfg.train_chars, unit="char", unit_scale=True, desc="tokenizer sample",
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = logs.progress(total=tcfg.train_chars, desc="tokenizer sample", unit="char", unit_scale=True, log=log,
+                            dynamic_ncols=True)
         try:  # closed on errors too, so an error line never shares the bar's terminal line
             for src in cfg.sources:
                 budget = int(tcfg.train_chars * src.weight / total_w)
@@ -249,7 +249,7 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
 
 
 def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer, tmp: Path, dtype: str,
-                     run_id: bytes, bar: tqdm, dedup: Deduplicator | None) -> dict:
+                     run_id: bytes, bar, dedup: Deduplicator | None) -> dict:
     writers = {sp: ShardWriter(tmp, src.name, sp, dtype, run_id) for sp in SPLITS}
     eod = np.array([tok.eod_id], dtype=np.int64)
     bos = np.array([] if tok.bos_id is None else [tok.bos_id], dtype=np.int64)
@@ -307,6 +307,6 @@ def _tokenize_source(src: SourceConfig, val_fraction: float, tok: TextTokenizer,
 
 def _report(meta: dict, out: Path) -> None:
     sp = meta["splits"]
-    print(f"prepared {out}: {sp['train']['tokens']:,} train / {sp['val']['tokens']:,} val tokens "
-          f"({sp['train']['documents']:,} / {sp['val']['documents']:,} documents) from "
-          f"{meta['text_bytes'] / 1e6:.1f} MB of text in {meta['seconds']:.1f} s: {meta['mb_per_s']:.2f} MB/s")
+    log.info(f"prepared {out}: {sp['train']['tokens']:,} train / {sp['val']['tokens']:,} val tokens "
+             f"({sp['train']['documents']:,} / {sp['val']['documents']:,} documents) from "
+             f"{meta['text_bytes'] / 1e6:.1f} MB of text in {meta['seconds']:.1f} s: {meta['mb_per_s']:.2f} MB/s")

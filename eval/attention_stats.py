@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bifocal.core import logs
 from bifocal.model import GPT
 
+log = logs.get_logger(__name__)
 # Distance buckets (inclusive): 0 is the token itself.
 BUCKETS: tuple[tuple[int, float], ...] = ((0, 0), (1, 1), (2, 4), (5, 16), (17, 64), (65, math.inf))
 
@@ -109,11 +111,10 @@ class AttentionSummary:
 
 def summarize_attention(model: GPT, windows: list[Tensor], batch: int = 4) -> dict:
     """Entropy and distance mass of every head over `windows` (each (T,) token ids)."""
-    from tqdm import tqdm
-
     summary = AttentionSummary(model.cfg.n_layer, model.cfg.n_head, head_groups(model))
     device = next(model.parameters()).device
-    for i in tqdm(range(0, len(windows), batch), desc="attention", leave=False, mininterval=1.0):
+    for i in logs.progress(range(0, len(windows), batch), desc="attention", unit="batches", lines=1, log=log,
+                           leave=False, mininterval=1.0):
         ids = torch.stack(windows[i:i + batch]).to(device)
         summary.add(attention_probs(model, ids))
     return summary.finish()

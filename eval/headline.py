@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(Path(args.report).read_text())
         report["ppl_summary"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"bifocal: error: {args.report}: no ppl_summary in a readable report.json ({exc})")
+        print(f"bifocal: error: {args.report}: no ppl_summary in a readable report.json ({exc})", file=sys.stderr)
         return 2
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     print(headline(report, labels, args.protocol), end="")

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from bifocal.data_pipeline.tokenizer import TextTokenizer
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
+from bifocal.data_pipeline.tokenizer import TextTokenizer
 from bifocal.model import GPT
 
 from .describe import default_out, model_name, model_scheme, train_len
@@ -32,6 +32,7 @@ from .passkey_data import CHANCE, KEY_DIGITS, NEEDLE, QUESTION, PasskeySample, i
 from .perplexity import apply_scaling, resolve_documents  # one definition of scaling and of "the run's data"
 
 DEFAULT_MULTIPLES = (1, 2, 4, 8, 16)  # of the training length
+log = logs.get_logger(__name__)
 MAX_HAYSTACK = 1 << 20  # filler tokens kept from the start of the split: windows are drawn from these
 
 
@@ -81,7 +82,7 @@ def run_trials(model: GPT, tok: TextTokenizer, lengths: list[int], trials: int, 
                haystack: np.ndarray) -> list[Trial]:
     """All trials; the samples depend only on (seed, length, tokenizer, haystack), not on the model."""
     out = []
-    with tqdm(total=len(lengths) * trials, desc="passkey", mininterval=1.0) as bar:
+    with logs.progress(total=len(lengths) * trials, desc="passkey", unit="trials", log=log, mininterval=1.0) as bar:
         for length in lengths:
             rng = random.Random(f"passkey:{seed}:{length}")
             for u in stratified_depths(trials, rng):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.model import GPT
 from bifocal.model.loss import cross_entropy
@@ -52,6 +52,7 @@ from .protocol import MinContext, context_tokens, describe_protocol, parse_proto
 
 Documents = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
 MATCHED = "matched"  # the scaling factor matched to each length: s = max(1, L / L_train)
+log = logs.get_logger(__name__)
 
 
 class PerplexityWarning(UserWarning):
@@ -186,15 +187,12 @@ class _Sums:
 def _score(model: GPT, docs: list[np.ndarray], plan: list[Window], length: int, batch_size: int,
            progress: bool) -> _Sums:
     """Summed token loss per document and per position over the planned windows."""
-    from tqdm.auto import tqdm
-
     device = _model_device(model)
     sums = _Sums(np.zeros(len(docs)), np.zeros(len(docs), dtype=np.int64), np.zeros(length),
                  np.zeros(length, dtype=np.int64))
-    bar = tqdm(total=len(plan), desc=f"ppl L={length}", unit="win", disable=None if progress else True, leave=False)
-    # Without a terminal tqdm stays silent: logs get a plain line every tenth of the windows.
-    plain = progress and bar.disable
-    next_line = max(1, len(plan) // 10)
+    bar = logs.progress(total=len(plan), desc=f"ppl L={length}", unit="windows", log=log, disable=not progress,
+                        leave=False)
+    bar.set_postfix_str(f"batch {batch_size}")
     positions = np.arange(length)
     try:
         for i in range(0, len(plan), batch_size):
@@ -210,10 +208,6 @@ def _score(model: GPT, docs: list[np.ndarray], plan: list[Window], length: int, 
             sums.pos_loss += nll.sum(0)
             sums.pos_tokens += keep.sum(0)
             bar.update(len(batch))
-            done = i + len(batch)
-            if plain and (done >= next_line or done == len(plan)):
-                print(f"ppl L={length}: {done}/{len(plan)} windows, batch {batch_size}", file=sys.stderr, flush=True)
-                next_line = done + max(1, len(plan) // 10)
     finally:
         bar.close()
     return sums
@@ -366,8 +360,7 @@ def resolve_documents(model_path: Path, data: str | None, tokenizer) -> tuple[Do
     if (path / "meta.json").is_file():
         prepared = PreparedData(path)
         if prepared.tokenizer_hash != tokenizer.hash:  # a re-serialised export can differ in bytes only
-            print(f"warning: {path} was prepared with a tokenizer file that differs from the model's",
-                  file=sys.stderr)
+            log.warning(f"{path} was prepared with a tokenizer file that differs from the model's")
         if "val" not in prepared.splits:
             raise BifocalError(f"--data: {path} has no validation split")
         return (lambda n: iter_documents(prepared, "val", min_tokens=n + 1)), f"{path} (val)"
@@ -467,19 +460,18 @@ def main(args: argparse.Namespace) -> int:
     if factor is None and args.rope_scaling:
         factor = max(1.0, max(lengths) / train_len)
     if args.rope_scaling and not model.cfg.n_fixed_heads:
-        print(f"warning: --rope-scaling has no effect on a {scheme} model (no fixed-frequency heads)",
-              file=sys.stderr)
+        log.warning(f"--rope-scaling has no effect on a {scheme} model (no fixed-frequency heads)")
     skipped: dict[int, str] = {}
 
     def on_skip(length: int, why: str) -> None:
         skipped[length] = why
-        print(f"warning: length {length}: {why}", file=sys.stderr)
+        log.warning(f"length {length}: {why}")
 
     widest, at = min((n - context_tokens(min_context, n) + 1, n) for n in lengths)
     if args.stride is not None and args.stride > widest:
         limit = f"length {at}" + (f" - min context + 1 = {widest}" if min_context is not None else "")
-        print(f"warning: --stride {args.stride} is longer than {limit}: it is capped there (windows do not "
-              "overlap without a min context); each row records the stride it used", file=sys.stderr)
+        log.warning(f"--stride {args.stride} is longer than {limit}: it is capped there (windows do not "
+                    "overlap without a min context); each row records the stride it used")
     convention = MATCHED if factor == MATCHED else "fixed"
     scaled = ("" if not args.rope_scaling else f", rope scaling {args.rope_scaling} "
               + ("s = L / L_train" if factor == MATCHED else f"x{factor:g}"))

@@ -48,6 +48,7 @@ from pydantic import StrictFloat, StrictInt
 
 from bifocal import configs
 from bifocal.core.config import SETTINGS, check, deep_merge, nest, parse_overrides, yaml_mapping
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.core.settings import build
 from bifocal.model.config import GPTConfig
@@ -58,6 +59,8 @@ from .protocol import context_tokens, parse_protocol, protocol_slug
 from .significance import Analysis, parse_analysis
 
 STUDY_DIR = CONFIG_DIR / "study"
+
+log = logs.get_logger(__name__)
 
 
 @dataclass
@@ -299,15 +302,15 @@ def train_run(config: Path, out: Path, name: str, max_steps: int, sets: list[str
     from bifocal.run import train_process
 
     run_dir = out / "runs" / name
-    log = out / "logs" / f"train-{name}.log"
+    log_path = out / "logs" / f"train-{name}.log"
     t0 = time.perf_counter()
-    print(f"[study] {name}: training {max_steps} steps -> {run_dir} (log {log})", flush=True)
-    if not train_process.train(config, run_dir, max_steps, log, sets):
-        print(f"[study] {name}: finished run found in {run_dir}, reusing it", flush=True)
+    log.info(f"{name}: training {max_steps} steps -> {run_dir} (log {log_path})")
+    if not train_process.train(config, run_dir, max_steps, log_path, sets):
+        log.info(f"{name}: finished run found in {run_dir}, reusing it")
         return run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"[study] {name}: trained in {time.perf_counter() - t0:.0f} s, "
-          f"val loss {summary.get('val_loss') or float('nan'):.4f}", flush=True)
+    log.info(f"{name}: trained in {time.perf_counter() - t0:.0f} s, "
+             f"val loss {summary.get('val_loss') or float('nan'):.4f}")
     return run_dir
 
 
@@ -406,7 +409,7 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
             if path.is_file():
                 try:
                     if load(path).extra.get("settings") == json.loads(json.dumps(settings)):
-                        print(f"[study] {path.stem}: result is current, reusing it", flush=True)
+                        log.info(f"{path.stem}: result is current, reusing it")
                         paths.append(path)
                         continue
                 except BifocalError:
@@ -427,10 +430,10 @@ def evaluate_scheme(study: Study, scheme: str, run_dir: Path, out: Path, seed: i
             if ev.max_tokens is None and not same:
                 raise BifocalError(f"{path.stem}: the scored targets differ between lengths "
                                    f"({sorted({r['targets'] for r in rows})}); the report would compare different text")
-            print(f"[study] {path.stem}: evaluated in {time.perf_counter() - t0:.0f} s\n"
-                  f"{format_table(rows, train_len)}", flush=True)
+            log.info(f"{path.stem}: evaluated in {time.perf_counter() - t0:.0f} s\n"
+                     f"{format_table(rows, train_len)}")
             for n, why in skipped.items():
-                print(f"[study] warning: {path.stem}: length {n}: {why}", flush=True)
+                log.warning(f"{path.stem}: length {n}: {why}")
             extra = {"run_dir": str(run_dir), "settings": settings, "skipped": skipped, "protocol": protocol,
                      "same_targets": same,
                      "train_seed": int(cfg_raw["train"].get("seed", 1234)) if seed is None else seed}
@@ -457,7 +460,7 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seeds = f", seeds {', '.join(map(str, study.seeds))}" if len(study.seeds) > 1 else ""
-    print(f"[study] {study.path.name}: schemes {', '.join(study.schemes)}{seeds} -> {out}", flush=True)
+    log.info(f"{study.path.name}: schemes {', '.join(study.schemes)}{seeds} -> {out}")
     result_paths: list[Path] = []
     report_dir = out if study.eval.step is None else out / f"step{study.eval.step}"
     for scheme, seed, name in study.runs():
@@ -471,7 +474,7 @@ def run_study(study: Study, out: str | Path) -> dict[str, Path]:
                                                 "seeds": study.seeds, "wall_s": round(elapsed, 1),
                                                 "analysis": study.analysis.to_dict() if study.analysis else None},
                                                indent=1) + "\n")
-    print(f"[study] done in {elapsed / 60:.1f} min", flush=True)
+    log.info(f"done in {elapsed / 60:.1f} min")
     print(f"[study] report  {paths['markdown'].resolve()}")
     for key in ("extrapolation", "by_position"):
         if key in paths:

@@ -17,11 +17,14 @@ from pathlib import Path
 
 
 from bifocal import configs
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.model.schemes import SCHEMES, studied
 
 from .results import EvalResult
 from .study import run_names, train_run
+
+log = logs.get_logger(__name__)
 
 
 
@@ -110,10 +113,10 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
         # same settings from the same trained step (and predates nothing: it counts held-out prompts).
         current = res_path.is_file() and load(res_path).extra.get("settings") == settings
         if current:
-            print(f"[study] {name}: result is current, reusing it", flush=True)
+            log.info(f"{name}: result is current, reusing it")
             results.append(load(res_path))
         else:
-            print(f"[study] {name}: evaluating", flush=True)
+            log.info(f"{name}: evaluating")
             result, _ = tasks_eval.run(run_dir, task, n=n, seed=seed, out=res_path, train_seed=train_seed,
                                       model_label=scheme, settings=settings)
             results.append(result)

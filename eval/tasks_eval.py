@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.synthetic import (DEFAULTS, HELD_OUT_FRACTION, Example, check_answer, eval_settings,
                                              generate_examples, prompt_of, side_of)
@@ -33,6 +33,8 @@ from bifocal.model.loss import cross_entropy
 from .describe import default_out, model_name, model_scheme, train_len
 from .generate import generate
 from .results import EvalResult
+
+log = logs.get_logger(__name__)
 
 
 @dataclass
@@ -90,7 +92,7 @@ def evaluate_setting(model: GPT, tok: TextTokenizer, task: str, examples: list[E
     nl = newline_token(tok)
     eod_text = tok.decode([tok.eod_id])
     nll, count, correct, lengths = 0.0, 0, 0, []
-    for ex in tqdm(examples, desc=desc, leave=False, mininterval=1.0):
+    for ex in logs.progress(examples, desc=desc, unit="examples", lines=1, log=log, leave=False, mininterval=1.0):
         enc = encode(tok, ex)
         s, n = answer_nll(model, enc)
         nll, count = nll + s, count + n

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from bifocal.core import logs
 from bifocal.core.config import deep_merge, parse_overrides
 from bifocal.core.errors import BifocalError
 from bifocal.core.settings import from_arguments
@@ -35,6 +35,7 @@ from .settings import BenchSettings
 from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
 
 DEMO_DATA = CONFIG_DIR / "data" / "demo.yaml"
+log = logs.get_logger(__name__)
 
 
 def bench_config(config: str | None, overrides: list[str], settings: BenchSettings) -> RunConfig:
@@ -56,6 +57,24 @@ def parse_schemes(text: str, what: str) -> list[str]:
     return schemes
 
 
+MODES = ("continue/causal", "reset/causal", "continue/document", "reset/document")
+
+
+def parse_modes(text: str, cfg: RunConfig) -> list[str]:
+    """`--packing`: the modes to time besides the config's own (all: every other one)."""
+    own = f"{cfg.data.positions}/{cfg.data.attention}"
+    modes = [m for m in MODES if m != own] if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise BifocalError(f"--packing: unknown mode {bad[0]!r}; positions/attention, one of {', '.join(MODES)} (or all)")
+    return [m for m in modes if m != own]
+
+
+def with_mode(cfg: RunConfig, mode: str) -> RunConfig:
+    positions, attention = mode.split("/")
+    return replace(cfg, data=replace(cfg.data, positions=positions, attention=attention))
+
+
 def scheme_model_config(cfg: RunConfig, scheme: str):
     pos = replace(cfg.model.position, scheme=scheme,
                   spectral_heads=cfg.model.position.spectral_heads if scheme == "bifocal" else None)
@@ -71,6 +90,7 @@ class Runner:
     model_cfg: GPTConfig
     step: Callable[[], object]
     resident_mb: float = 0.0  # memory it holds between steps (CUDA): weights, optimizer states
+    mode: str = ""  # a packed-document mode other than the config's (`positions/attention`), or ""
 
 
 def build_model(cfg: RunConfig, scheme: str, vocab: int):
@@ -96,15 +116,19 @@ def build_engine(cfg: RunConfig, scheme: str, data):
     if cfg.train.compile:
         engine.compile()
     sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
-                            rank=dist.rank(), world_size=dist.world_size(), grad_accum=cfg.train.grad_accum)
+                            rank=dist.rank(), world_size=dist.world_size(), grad_accum=cfg.train.grad_accum,
+                            positions=cfg.data.positions, attention=cfg.data.attention)
     return engine, sampler
 
 
-def engine_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
+def engine_runner(cfg: RunConfig, scheme: str, data, device: str, mode: str = "") -> Runner:
     from .step import train_step
 
+    if mode:
+        cfg = with_mode(cfg, mode)
     engine, sampler = build_engine(cfg, scheme, data)
-    return Runner(scheme, scheme, engine.module.cfg, lambda: train_step(engine, sampler, device, cfg.train.grad_accum))
+    return Runner(f"{scheme} {mode}" if mode else scheme, scheme, engine.module.cfg,
+                  lambda: train_step(engine, sampler, device, cfg.train.grad_accum), mode=mode)
 
 
 def plain_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
@@ -117,14 +141,15 @@ def plain_runner(cfg: RunConfig, scheme: str, data, device: str) -> Runner:
     optimizer, scheduler = build_optimizer(model, cfg)
     if cfg.train.compile:
         model.compile()
-    sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed)
+    sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
+                            positions=cfg.data.positions, attention=cfg.data.attention)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
 
     def step() -> None:
         for _ in range(cfg.train.grad_accum):
-            x, y = sampler.next_batch()
+            batch = sampler.sample().to(device)
             with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                _, loss = model(x.to(device), y.to(device), return_logits=False)
+                _, loss = model(batch.inputs, batch.labels, return_logits=False, **batch.model_kwargs())
             (loss / cfg.train.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -143,21 +168,14 @@ def allocated_mb(device: str) -> float:
     return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else 0.0
 
 
-def log(line: str) -> None:
-    """Plain progress lines where no progress bar shows (logs, pipes)."""
-    if not sys.stdout.isatty():
-        print(line, flush=True)
-
-
 def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device: str, warmup: int,
             rounds: int, block: int) -> dict[str, dict]:
     """Build and warm each runner (its resident memory measured alone), then time blocks in turn.
 
     Peak memory of a runner = its resident memory + the most its steps allocate above everything
     resident, so the other runners' weights do not count against it."""
-    from tqdm import tqdm
-
-    for build in tqdm(builders, desc="build + warm up", unit="runner", disable=None):
+    building = logs.progress(builders, desc="build + warm up", unit="runner", lines=0, log=log)
+    for build in building:
         before = allocated_mb(device)
         r = build()
         for _ in range(warmup):
@@ -165,10 +183,11 @@ def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device:
         sync(device)
         r.resident_mb = allocated_mb(device) - before
         runners.append(r)
-        log(f"bench: built and warmed up {r.name}")
+        if building.plain:  # the bar's place in logs
+            log.info(f"built and warmed up {r.name}")
     times = {r.name: [] for r in runners}
     peaks = {r.name: 0.0 for r in runners}
-    bar = tqdm(total=rounds * len(runners), desc="measure", unit="block", disable=None)
+    bar = logs.progress(total=rounds * len(runners), desc="measure", unit="block", lines=0, log=log)
     for _ in range(rounds):
         for r in runners:
             sync(device)
@@ -182,8 +201,9 @@ def measure(runners: list[Runner], builders: list[Callable[[], Runner]], device:
             if device == "cuda":
                 peaks[r.name] = max(peaks[r.name], r.resident_mb + peak_memory_mb(device)[1] - base)
             bar.update(1)
-        log(f"bench: round {len(times[runners[0].name])}/{rounds}: " +
-            ", ".join(f"{r.name} {1e3 * times[r.name][-1]:.0f} ms" for r in runners))
+        if bar.plain:
+            log.info(f"round {len(times[runners[0].name])}/{rounds}: " +
+                     ", ".join(f"{r.name} {1e3 * times[r.name][-1]:.0f} ms" for r in runners))
     bar.close()
     return {r.name: {"step_s": statistics.median(times[r.name]), "step_s_all": times[r.name],
                      "peak_mem_mb": peaks[r.name] if device == "cuda" else None} for r in runners}
@@ -203,17 +223,22 @@ def summarise(runners: list[Runner], timing: dict[str, dict], cfg: RunConfig, de
         t = timing[r.name]
         tok_s = tokens / t["step_s"]
         fpt = flops_per_token(r.model_cfg, cfg.model.max_seq_len)
-        rows.append({"name": r.name, "scheme": r.scheme, "plain": r.name != r.scheme, "step_ms": 1e3 * t["step_s"],
+        rows.append({"name": r.name, "scheme": r.scheme, "mode": r.mode, "plain": r.name.endswith("(plain torch)"),
+                     "step_ms": 1e3 * t["step_s"],
                      "tokens_per_s": tok_s, "flops_per_token": fpt, "mfu": mfu(tok_s, fpt, peak, world),
                      "peak_mem_mb": t["peak_mem_mb"], "step_ms_rounds": [1e3 * s for s in t["step_s_all"]]})
-    rope = {row["plain"]: row for row in rows if row["scheme"] == "rope"}
+    rope = {row["plain"]: row for row in rows if row["scheme"] == "rope" and not row["mode"]}
     for row in rows:
         ref = rope.get(row["plain"])
+        own = next((o for o in rows if o["scheme"] == row["scheme"] and not o["mode"] and not o["plain"]), None)
+        # A packed mode against the same scheme in the config's mode, timed in the same rounds.
+        row["tokens_per_s_vs_own_mode"] = paired_ratio(own, row) if row["mode"] and own else None
         row["tokens_per_s_vs_rope"] = paired_ratio(ref, row) if ref else None
         row["peak_mem_vs_rope"] = (row["peak_mem_mb"] / ref["peak_mem_mb"]
                                    if ref and row["peak_mem_mb"] and ref["peak_mem_mb"] else None)
-        twin = next((o for o in rows if o["scheme"] == row["scheme"] and o["plain"] != row["plain"]), None)
-        row["framework_overhead"] = paired_ratio(row, twin) - 1 if twin and not row["plain"] else None
+        twin = next((o for o in rows if o["scheme"] == row["scheme"] and o["plain"] != row["plain"]
+                     and not o["mode"]), None)
+        row["framework_overhead"] = paired_ratio(row, twin) - 1 if twin and not row["plain"] and not row["mode"] else None
     return rows
 
 
@@ -222,11 +247,13 @@ def fmt(value, spec: str, na: str = "n/a") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'scheme':<22} {'step ms':>9} {'tokens/s':>11} {'vs rope':>8} {'MFU':>7} {'peak MiB':>9} {'mem vs rope':>11} {'overhead':>9}"
+    head = (f"{'scheme':<26} {'step ms':>9} {'tokens/s':>11} {'vs rope':>8} {'vs own mode':>11} {'MFU':>7} {'peak MiB':>9} "
+            f"{'mem vs rope':>11} {'overhead':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:<22} {r['step_ms']:>9.1f} {r['tokens_per_s']:>11,.0f} "
-                     f"{fmt(r['tokens_per_s_vs_rope'], '.3f'):>8} {fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6}% "
+        lines.append(f"{r['name']:<26} {r['step_ms']:>9.1f} {r['tokens_per_s']:>11,.0f} "
+                     f"{fmt(r['tokens_per_s_vs_rope'], '.3f'):>8} {fmt(r['tokens_per_s_vs_own_mode'], '.3f', '-'):>11} "
+                     f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6}% "
                      f"{fmt(r['peak_mem_mb'], '.0f'):>9} {fmt(r['peak_mem_vs_rope'], '.3f'):>11} "
                      f"{fmt(r['framework_overhead'] and 100 * r['framework_overhead'], '+.1f', '-'):>8}%")
     return "\n".join(lines).replace("n/a%", "n/a ").replace("-%", "- ")
@@ -278,6 +305,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = bench_config(args.config, args.overrides, settings)
     schemes = parse_schemes(settings.schemes, "--schemes")
     plain = parse_schemes(settings.plain, "--plain") if settings.plain else []
+    modes = parse_modes(settings.packing, cfg) if settings.packing else []
     if plain and cfg.deepspeed.precision == "fp16":
         raise BifocalError("--plain supports fp32 and bf16 (fp16 needs a loss scaler); use --set deepspeed.precision=bf16")
     if plain and dist.world_size() > 1:
@@ -293,6 +321,7 @@ def main(args: argparse.Namespace) -> int:
 
     data = prepare_data(cfg)
     builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
+    builders += [lambda s=s, m=m: engine_runner(cfg, s, data, device, m) for s in schemes for m in modes]
     builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
     rounds = max(1, settings.steps // settings.block)
     runners: list[Runner] = []

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from bifocal import __version__
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.config import SYNTHETIC_TASKS
 from bifocal.model.schemes import SCALINGS, SCHEMES
@@ -43,6 +44,11 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: train.out_dir/train.run_name)")
     p.add_argument("--init-from-hf", default=None, metavar="DIR",
                    help="continue pretraining a local Hugging Face Llama-family model, spectralized")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from another run's weights with this config (context extension: e.g. --set "
+                        "model.max_seq_len=1024); fresh optimizer and schedule (= --set train.init_from=RUN)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="with --init-from: the parent's checkpoint at step N (default: its newest)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (file, includes, --set applied) as YAML and exit; nothing is trained")
     p.epilog = "Every config key, its default and what it does: `bifocal config` (or `bifocal config train`)."
@@ -233,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain GPT-style models with bifocal attention on DeepSpeed.",
     )
     parser.add_argument("--version", action="version", version=f"bifocal {__version__}")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                       help="log warnings and errors only (the command's output is printed as always)")
+    level.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                       help="log debug lines too")
+    level.add_argument("--log-level", choices=list(logs.LEVELS),
+                       help=f"log level (default: ${logs.LEVEL_ENV}, else info)")
+    parser.add_argument("--log-ranks", default=None, metavar="RANKS",
+                        help=f"ranks that log: all, or e.g. 0,1 (default: ${logs.RANKS_ENV}, else 0); with more "
+                             "than one rank every line starts with [rankN]:")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_prepare, _train, _config, _bench, _estimate, _launch, _eval, _study, _export, _generate, _env):
         add(sub)
@@ -248,12 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK says the same.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):
+    command = 0  # the command's index, after the top-level options
+    while command < len(argv) and argv[command].startswith("-"):
+        command += 1 + (argv[command] in ("--log-level", "--log-ranks"))
+    if argv[command:command + 1] == ["launch"] and argv[command + 1:command + 2] not in (["-h"], ["--help"]):
         # argparse cannot hand leading `--options` to a REMAINDER positional: pass them verbatim.
-        args = argparse.Namespace(handler="bifocal.launcher.launch:main", launcher_args=argv[1:])
+        args = build_parser().parse_args(argv[:command + 1])
+        args.launcher_args = argv[command + 1:]
     else:
         args = build_parser().parse_args(argv)
     try:
+        logs.setup(args.log_level, args.log_ranks)
         return int(_resolve(args.handler)(args) or 0)
     except BifocalError as exc:
         print(f"bifocal: error: {exc}", file=sys.stderr)

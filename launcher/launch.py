@@ -14,11 +14,15 @@ import os
 import subprocess
 import sys
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
+
+log = logs.get_logger(__name__)
 
 
 def build_command(launcher_args: list[str]) -> list[str]:
-    """deepspeed runner argv: its options, then this package's CLI as a module with `train`."""
+    """deepspeed runner argv: its options, then this package's CLI as a module with `train` (and
+    this command's log settings, which reach the ranks on every node)."""
     args = list(launcher_args)
     if "--" in args:
         split = args.index("--")
@@ -30,12 +34,12 @@ def build_command(launcher_args: list[str]) -> list[str]:
     if "--module" in ds_args:
         raise BifocalError("bifocal launch adds --module itself; pass only launcher options before `--`")
     return [sys.executable, "-u", "-m", "deepspeed.launcher.runner", *ds_args, "--module",
-            "bifocal.launcher.cli", "train", *train_args]
+            "bifocal.launcher.cli", *logs.forward_args(), "train", *train_args]
 
 
 def main(args: argparse.Namespace) -> int:
     cmd = build_command(args.launcher_args)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    print("bifocal: " + " ".join(cmd[2:]), flush=True)
+    log.info(" ".join(cmd[2:]))
     return subprocess.call(cmd, env=env)

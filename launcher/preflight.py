@@ -12,9 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.run import checkpoint, safe_load
 from bifocal.run.config import RunConfig, load_config
+
+log = logs.get_logger(__name__)
 
 # What a checkpoint cannot follow: the model's shape and position scheme, the data and its order,
 # and how DeepSpeed laid out the saved states. Everything else (schedule, optimizer
@@ -70,6 +73,49 @@ def check_resume(run_dir: Path, cfg: RunConfig, data, from_hf: bool, world: int 
     return changes
 
 
+# The model settings a run started from another may change: the context length, how the fixed-
+# frequency heads scale to it, and dropout; everything else shapes the weights or what they mean.
+EXTENSIBLE = ("model.max_seq_len", "model.position.rope_scaling", "model.dropout")
+
+
+def check_init_from(cfg: RunConfig, data) -> tuple[int, Path]:
+    """The parent checkpoint (step, path) of `train.init_from` / `train.init_step`, refused with one
+    line (nothing written) when this run cannot start from it: not a run, no such checkpoint, a
+    continued Hugging Face model, another tokenizer, another scheme or other weight shapes."""
+    parent = Path(cfg.train.init_from)
+    where = f"train.init_from {parent}"
+    if not (parent / "config.yaml").is_file():
+        raise BifocalError(f"{where}: not a bifocal run directory (no config.yaml)")
+    if (parent / "init_from_hf.json").is_file():
+        raise BifocalError(f"{where}: it continued a Hugging Face model; export it and use --init-from-hf")
+    found = checkpoint.latest_checkpoint(parent, cfg.train.init_step)
+    if found is None:
+        at = f"at step {cfg.train.init_step}" if cfg.train.init_step is not None else "at all"
+        steps = ", ".join(str(s) for s, _ in checkpoint.complete_checkpoints(parent)) or "none"
+        raise BifocalError(f"{where}: no complete checkpoint {at} (complete: {steps})")
+    safe_load.verify(safe_load.checkpoint_files(found[1]))
+    recorded = checkpoint.marker_info(found[1]).get("tokenizer_hash")
+    if recorded is not None and recorded != data.tokenizer_hash:
+        raise BifocalError(f"{where}: trained with another tokenizer (hash {recorded[:12]}) than {data.path} "
+                           f"({data.tokenizer_hash[:12]}); prepare the data with the parent's tokenizer")
+    try:
+        before = load_config(parent / "config.yaml")
+    except BifocalError as exc:
+        raise BifocalError(f"{parent / 'config.yaml'}: {exc}") from None
+    if before.model.position.scheme != cfg.model.position.scheme:
+        raise BifocalError(f"{where}: a {before.model.position.scheme} run; this run's scheme is "
+                           f"{cfg.model.position.scheme} (extend a run of the same scheme)")
+    old, new = flatten(before.to_dict()["model"], "model."), flatten(cfg.to_dict()["model"], "model.")
+    if cfg.vocab_from_data:  # the data decides the vocabulary (the parent's config.yaml holds its own)
+        new["model.vocab_size"] = data.vocab_size
+    differ = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k) and not k.startswith(EXTENSIBLE)]
+    if differ:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ[:3]) + (" ..." if len(differ) > 3 else "")
+        raise BifocalError(f"{where}: other model settings ({shown}); only {', '.join(EXTENSIBLE)} may differ")
+    return found
+
+
 def check_global_batch(before: RunConfig, after: RunConfig, saved_world: int, world: int, run_dir: Path) -> None:
     """A resume may split the global batch (micro_batch x grad_accum x ranks) differently, which
     continues the same windows at every step (loader.py) and the same token count (step x tokens
@@ -95,8 +141,7 @@ def check_validation(cfg: RunConfig, data, rank: int, world: int) -> bool:
     from bifocal.data_pipeline.loader import WindowSampler
 
     if cfg.data.val_fraction == 0:
-        if rank == 0:
-            print("bifocal: warning: data.val_fraction=0: training without validation", flush=True)
+        log.warning("data.val_fraction=0: training without validation")
         return False
     try:
         with warnings.catch_warnings():

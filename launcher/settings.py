@@ -19,6 +19,10 @@ class BenchSettings:
     """Comma-separated schemes to time, each with the config's settings (all: every registered scheme)."""
     plain: str = ""
     """Also time these schemes in a plain PyTorch loop without DeepSpeed: the framework's overhead."""
+    packing: str = ""
+    """Also time each scheme with these packed-document modes, comma-separated `positions/attention`
+    pairs (`reset/causal`, `continue/document`, `reset/document`; all: the three), beside the
+    config's own mode (data.positions, data.attention): the step-time cost of packing."""
     steps: int = 20
     """Timed steps per runner."""
     block: int = 5

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData, WindowSampler
 from bifocal.run import checkpoint, distributed as dist
@@ -27,6 +28,8 @@ from bifocal.run.metrics import drop_rows_after, require_wandb
 from bifocal.run.run_lock import RunLock
 
 from . import preflight
+
+log = logs.get_logger(__name__)
 
 
 @dataclass
@@ -137,7 +140,17 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig):
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
-    """Config and run directory. `--resume` without `--config` reuses the run's own config."""
+    """Config and run directory. `--resume` without `--config` reuses the run's own config;
+    `--init-from RUN --step N` are train.init_from / train.init_step."""
+    overrides = list(args.overrides)
+    if getattr(args, "step", None) is not None and not getattr(args, "init_from", None):
+        raise BifocalError("--step: only with --init-from RUN (the parent run's checkpoint to start from)")
+    if getattr(args, "init_from", None):
+        if getattr(args, "init_from_hf", None):
+            raise BifocalError("--init-from and --init-from-hf: one or the other")
+        overrides += [f"train.init_from={Path(args.init_from).resolve()}"]
+        overrides += [f"train.init_step={args.step}"] if args.step is not None else []
+    args.overrides = overrides
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.train.out_dir) / cfg.train.run_name
     if args.resume and not args.config and (run_dir / "config.yaml").is_file():
@@ -213,6 +226,17 @@ def build_model(cfg: RunConfig, data: PreparedData, hf: dict | None) -> torch.nn
     return GPT(cfg.model)
 
 
+def init_from_parent(model: torch.nn.Module, cfg: RunConfig, parent: tuple[int, Path]) -> None:
+    """Put the parent run's weights (fp32 masters, any ZeRO stage and rank count: see
+    checkpoint.consolidated_state_dict) into the freshly built model, before DeepSpeed wraps it;
+    records the step taken in cfg.train.init_step."""
+    step, path = parent
+    state = checkpoint.consolidated_state_dict(path)
+    model.load_state_dict(state, strict=True)  # shapes were checked by preflight.check_init_from
+    cfg.train.init_step = step
+    log.info(f"initialised from {cfg.train.init_from} at step {step} (its weights; a fresh optimizer and schedule)")
+
+
 def seed_rank(seed: int, rank: int) -> None:
     """After the model is built: this rank's own torch generators (CPU and CUDA), for what must
     differ between ranks, the dropout masks; two ranks drawing the same masks would correlate the
@@ -245,8 +269,8 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 def universal_checkpoint(path: Path, world: int) -> Path:
     """A ZeRO checkpoint saved on another number of ranks loads through DeepSpeed's universal format."""
     if dist.rank() == 0:
-        print(f"bifocal: {path.name} was saved on {checkpoint.saved_world_size(path)} ranks, resuming on "
-              f"{world}: converting to a universal checkpoint", flush=True)
+        log.info(f"{path.name} was saved on {checkpoint.saved_world_size(path)} ranks, resuming on {world}: "
+                 "converting to a universal checkpoint")
         checkpoint.to_universal(path)
     dist.barrier()
     return path.parent / "universal" / path.name
@@ -267,10 +291,10 @@ def resume(state: TrainState, path: Path, changes: list[tuple[str, Any, Any]], o
     # the hyperparameters of group 0 (lr, weight decay); this run's config is the truth either way.
     apply_hyperparameters(optimizer, state.scheduler, fresh)
     unshare_step_counters(optimizer)
+    log.info(f"resumed from {path} at step {state.step}")
+    for key, before, after in changes:
+        log.info(f"resume applies {key}: {before!r} -> {after!r}")
     if state.is_main:
-        print(f"bifocal: resumed from {path} at step {state.step}", flush=True)
-        for key, before, after in changes:
-            print(f"bifocal: resume applies {key}: {before!r} -> {after!r}", flush=True)
         drop_rows_after(state.run_dir, state.step)  # the steps after the checkpoint are trained again
 
 
@@ -293,9 +317,16 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
 
     data = prepare_data(cfg)
     hf = hf_source(args, run_dir, cfg)
+    if cfg.train.init_from and hf:
+        raise BifocalError("train.init_from and --init-from-hf: one or the other")
     changes = preflight.check_resume(run_dir, cfg, data, from_hf=bool(hf), world=world) if args.resume else []
+    resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
+    # A resumed extension continues from its own checkpoint; the parent is read only at the start.
+    parent = preflight.check_init_from(cfg, data) if cfg.train.init_from and resume_from is None else None
     validate = preflight.check_validation(cfg, data, rank, world)
     model = build_model(cfg, data, hf)
+    if parent is not None:
+        init_from_parent(model, cfg, parent)
     seed_rank(cfg.train.seed, rank)
     if hf:
         cfg.model = model.cfg  # the Hugging Face model's own shape, for logging and evaluation
@@ -303,7 +334,8 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
     fresh = [{k: g[k] for k in HYPERPARAMETERS} for g in optimizer.param_groups]
     param_names = group_parameter_names(model, optimizer)
     ds_config = deepspeed_config(cfg, world)
-    resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
+    log.debug(f"rank {rank} of {world} on {device}, {torch.get_num_threads()} threads; DeepSpeed config "
+              f"{json.dumps(ds_config)}")
     if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world and cfg.deepspeed.zero_stage:
         # ZeRO's partitions follow the rank count; ZeRO-0 keeps everything whole, loadable on any.
         resume_from = (resume_from[0], universal_checkpoint(resume_from[1], world))
@@ -314,7 +346,8 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
         engine.compile()  # the module in place: checkpoint keys stay the same
 
     sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
-                            rank=rank, world_size=world, grad_accum=cfg.train.grad_accum)
+                            rank=rank, world_size=world, grad_accum=cfg.train.grad_accum,
+                            positions=cfg.data.positions, attention=cfg.data.attention)
     state = TrainState(cfg=cfg, run_dir=run_dir, device=device, engine=engine, scheduler=scheduler, data=data,
                        sampler=sampler, validate=validate, resume=args.resume, param_names=param_names)
     if resume_from is not None:

@@ -80,8 +80,8 @@ def train_step(engine, sampler, device: str, grad_accum: int, stop_requested: bo
         if grad_accum > 1:
             # Explicit boundaries: a skipped step must not shift DeepSpeed's micro-step counter.
             engine.set_gradient_accumulation_boundary(last)
-        x, y = sampler.next_batch()
-        _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True), return_logits=False)
+        batch = sampler.sample().to(device)
+        _, loss = engine(batch.inputs, batch.labels, return_logits=False, **batch.model_kwargs())
         loss_sum = loss_sum + loss.detach().float()
         if not last:
             engine.backward(loss)

@@ -21,13 +21,13 @@ import argparse
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import WindowSampler
 from bifocal.model.flops import flops_per_token
@@ -39,6 +39,8 @@ from . import step as engine_step
 from .setup import TrainState, lock_run_dir, resolve_run, setup
 from .step import StepResult
 from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
+
+log = logs.get_logger(__name__)
 
 
 def train_step(state: TrainState, stop_requested: bool, want_grad_norm: bool) -> StepResult:
@@ -56,14 +58,14 @@ def train_step(state: TrainState, stop_requested: bool, want_grad_norm: bool) ->
             where = f"last good checkpoint: {last[1]}" if last else "no checkpoint was written"
             raise BifocalError(f"loss is not finite (nan/inf) at step {state.step}; stopping ({where}; "
                                f"it was not overwritten). Lower optim.lr or set train.on_nan=skip")
-        if state.is_main:
-            print(f"bifocal: warning: non-finite loss at step {state.step}, step skipped", flush=True)
+        log.warning(f"non-finite loss at step {state.step}, step skipped")
     return result
 
 
 class Progress:
-    """Training metrics every `train.log_every` steps and at the last, a progress bar on rank 0.
-    Throughput counts training time only: the clock restarts after validation and saving."""
+    """Training metrics every `train.log_every` steps and at the last; a progress bar on a terminal,
+    else a `step N/M: loss ...` line at the same steps (logs.progress). Throughput counts training
+    time only: the clock restarts after validation and saving."""
 
     def __init__(self, state: TrainState, metrics: MetricsLogger) -> None:
         self.metrics, self.every, self.max_steps = metrics, state.cfg.train.log_every, state.cfg.train.max_steps
@@ -73,12 +75,8 @@ class Progress:
         self.peak = peak_flops(state.device, cfg.deepspeed.precision, cfg.train.peak_tflops)
         reset_peak_memory(state.device)
         self.lrs, self.loss_scale = [float("nan")], None
-        self.bar = None
-        if state.is_main:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.max_steps, initial=state.step, desc=f"train {state.run_dir.name}",
-                            unit="step", dynamic_ncols=True, file=sys.stdout, disable=None)
+        self.bar = logs.progress(total=self.max_steps, initial=state.step, desc=f"train {state.run_dir.name}",
+                                 unit="step", lines=0, log=log, dynamic_ncols=True)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -98,8 +96,7 @@ class Progress:
             self.steps += 1
         else:
             self.metrics.log({"step": state.step, "skipped_nonfinite": 1})
-        if self.bar is not None:
-            self.bar.update(1)
+        self.bar.update(1)
         if self.steps and self.due(state.step):
             dt = time.perf_counter() - self.clock
             tokens_per_s = state.tokens_per_step * self.steps / max(dt, 1e-9)
@@ -112,10 +109,9 @@ class Progress:
                       "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, dist.world_size()),
                       **dict([peak_memory_mb(state.device)])}  # since the previous record (CUDA)
             reset_peak_memory(state.device)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if self.bar.disable:  # no terminal (a batch job): a plain line instead of the bar
-                    print(train_line(record, self.max_steps, dt / self.steps), flush=True)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.bar.plain:  # no terminal (a batch job): a line instead of the bar
+                log.info(train_line(record, self.max_steps, dt / self.steps))
             self.metrics.log(record)
             self.loss_sum, self.steps = 0.0, 0
 
@@ -125,8 +121,7 @@ class Progress:
             self.clock = time.perf_counter()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 class Validation:
@@ -146,10 +141,7 @@ class Validation:
             return
         loss = self.last_loss = evaluate(state)
         self.metrics.log({"step": state.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
-        if state.is_main:  # also in logs, where the progress bar is off
-            from tqdm import tqdm
-
-            tqdm.write(f"step {state.step}/{self.max_steps}: validation loss {loss:.4f}", file=sys.stdout)
+        log.info(f"step {state.step}/{self.max_steps}: validation loss {loss:.4f}")
         model = state.cfg.model
         snapshot = spectral_snapshot(state.engine.module, state.engine.zero_optimization_stage() == 3)
         self.metrics.spectral(state.step, snapshot, spectral_init_freq(model).numpy(), model.n_head)
@@ -159,13 +151,14 @@ def evaluate(state: TrainState) -> float:
     """Mean validation loss over the same `eval_batches` windows every time (collective)."""
     cfg, engine = state.cfg, state.engine
     sampler = WindowSampler(state.data, "val", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed + 1,
-                            rank=dist.rank(), world_size=dist.world_size())
+                            rank=dist.rank(), world_size=dist.world_size(), positions=cfg.data.positions,
+                            attention=cfg.data.attention)
     engine.eval()
     total = 0.0
     with torch.no_grad():
         for _ in range(cfg.train.eval_batches):
-            x, y = sampler.next_batch()
-            _, loss = engine(x.to(state.device), y.to(state.device), return_logits=False)
+            batch = sampler.sample().to(state.device)
+            _, loss = engine(batch.inputs, batch.labels, return_logits=False, **batch.model_kwargs())
             total += float(loss)
     engine.train()
     s, n = dist.all_reduce_sum([total, cfg.train.eval_batches])
@@ -222,9 +215,8 @@ def train(state: TrainState) -> float | None:
             checkpoints.after_step(state, stopping=result.stop)
             progress.restart_clock()
             if result.stop:
-                if state.is_main:
-                    print(f"\nbifocal: stopped by signal at step {state.step}; checkpoint {checkpoints.last} "
-                          f"(continue with --resume)", flush=True)
+                log.warning(f"stopped by signal at step {state.step}; checkpoint {checkpoints.last} "
+                            f"(continue with --resume)")
                 break
         failing = False
     finally:
@@ -258,8 +250,7 @@ def finish(run_dir: Path, step: int, val_loss: float | None, seq_len: int) -> No
         png = plot_loss(run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     except OSError as exc:
-        print(f"bifocal: warning: {exc.filename or run_dir}: cannot be written ({exc.strerror}); "
-              "the checkpoints are complete", file=sys.stderr, flush=True)
+        log.warning(f"{exc.filename or run_dir}: cannot be written ({exc.strerror}); the checkpoints are complete")
     latest = checkpoint.latest_checkpoint(run_dir)
     ppl = f"{summary['val_ppl']:.2f}" if val_loss is not None else "n/a"
     print(f"\nbifocal: finished at step {step}: validation loss {val_loss if val_loss is None else round(val_loss, 4)}, "

@@ -23,7 +23,9 @@ SPECTRAL_INITS = ("rope", "fit")
 
 @dataclass
 class RopeScaling:
-    """Training-free context extension for fixed-frequency (RoPE) heads, applied at evaluation.
+    """Context extension for fixed-frequency (RoPE) heads: training-free at evaluation (`bifocal eval
+    ppl --rope-scaling`), or set in a run's config to fine-tune with it (PI and YaRN fine-tuning as
+    in the YaRN paper, arXiv 2309.00071 section 4; `bifocal train --init-from RUN`).
 
     pi: positions divided by `factor`. ntk: base * factor^(d/(d-2)). dynamic_ntk: the NTK base
     recomputed from the current length, only beyond `original_max_len`. yarn: NTK-by-parts
@@ -76,7 +78,8 @@ class PositionConfig:
     spectral_rope_base: float | None = None
     """spectral_init rope: the base of Omega's start (null: rope_base)."""
     rope_scaling: RopeScaling | None = None
-    """Eval-time extension of the fixed-frequency heads: {type, factor, original_max_len, ...}."""
+    """Extension of the fixed-frequency heads: {type, factor, original_max_len, ...}; in a run's config
+    it is used in training too (context extension), else set at evaluation."""
 
     def __post_init__(self) -> None:
         check(self.scheme in SCHEMES, "scheme", self.scheme, f"one of {', '.join(SCHEMES)}")

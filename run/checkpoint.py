@@ -22,9 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 
 from . import distributed as dist, safe_load
+
+log = logs.get_logger(__name__)
 
 MARKER = "complete.json"
 
@@ -269,9 +272,8 @@ def fp32_masters(states: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
         return {}
     names = states.get("param_group_names")
     if not names or [len(g) for g in names] != [len(g) for g in groups]:
-        print(f"bifocal: warning: {path}: its fp32 master weights are not named (a checkpoint of an older "
-              f"bifocal); reading the module's {states['module'][next(iter(states['module']))].dtype} weights",
-              file=sys.stderr, flush=True)
+        log.warning(f"{path}: its fp32 master weights are not named (a checkpoint of an older bifocal); "
+                    f"reading the module's {states['module'][next(iter(states['module']))].dtype} weights")
         return {}
     return {name: tensor for group_names, group in zip(names, groups)
             for aliases, tensor in zip(group_names, group) for name in aliases}

@@ -74,6 +74,12 @@ class TrainConfig:
     """Recompute every k-th block in the backward (0: off, 1: every block)."""
     peak_tflops: float | None = None
     """The device's peak TFLOP/s for MFU where the CUDA name table has none."""
+    init_from: str | None = None
+    """Start from this run directory's weights (`bifocal train --init-from RUN`): context extension
+    with a longer model.max_seq_len, optionally model.position.rope_scaling to fine-tune the
+    fixed-frequency heads with PI or YaRN; the optimizer and schedule start fresh."""
+    init_step: int | None = None
+    """With init_from: the parent's checkpoint at this step (null: its newest; the run records the step)."""
 
     def __post_init__(self) -> None:
         check(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,

@@ -10,7 +10,11 @@ from typing import Iterator
 
 import torch
 
+from bifocal.core import logs
+
 from . import slurm
+
+log = logs.get_logger(__name__)
 
 
 def _free_port() -> int:
@@ -43,11 +47,45 @@ def setup_environment(threads: int | None = None) -> None:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer(rank: int) -> Path:
+    """The shared-memory file in which DeepSpeed's CPU all-reduce keeps this machine's rank `rank`
+    (~69 MB; deepspeed/ops/csrc/cpu/comm/shm.cpp: `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_
+    <MASTER_PORT>_<rank>`, created when every rank is on one machine). A DeepSpeed internal:
+    tests/test_distributed_corners.py fails the day the name changes."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> Path | None:
+    """Unlink this rank's DeepSpeed shared-memory buffer once every rank has mapped it.
+
+    DeepSpeed never unlinks it (deepspeedai/DeepSpeed#4115), so each CPU run on one machine left
+    ~69 MB per rank in /dev/shm until reboot: a day of tests filled the 24 GiB machine and slowed
+    everything to a crawl. Every rank maps every buffer inside `init_distributed`, so after a
+    barrier the names are no longer needed; the memory stays mapped until the ranks exit, on any
+    exit (a crash or SIGKILL included). Returns the file removed, or None where there was none."""
+    torch.distributed.barrier()  # every rank has opened every other rank's buffer
+    path = shm_buffer(torch.distributed.get_rank())
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return path
+
+
 def init_distributed(device: str) -> None:
     import deepspeed
 
     backend = "nccl" if device == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    if device == "cpu":
+        released = release_shm_buffer()
+        # Read by tests/test_distributed_corners.py: no line there means the name has changed.
+        log.debug(f"released DeepSpeed's shared-memory buffer {released}" if released else
+                  "no DeepSpeed shared-memory buffer to release (ranks on several machines?)")
     if device == "cuda":
         # Modulo: a task that Slurm gave one GPU of its own (--gpus-per-task) sees it as device 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bifocal.core import logs
 from bifocal.model.position import SpectralRotary, position_parameters
+
+log = logs.get_logger(__name__)
 
 
 def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndarray]:
@@ -183,8 +185,8 @@ class MetricsLogger:
             setattr(self, sink, False if sink == "jsonl" else None)
             if not quiet:
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                print(f"bifocal: warning: {what} cannot be written ({type(exc).__name__}: {reason}); "
-                      "logging there stops, training goes on", file=sys.stderr, flush=True)
+                log.warning(f"{what} cannot be written ({type(exc).__name__}: {reason}); "
+                            "logging there stops, training goes on")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -35,11 +35,11 @@ def test_cli_prepare_then_reuse(tmp_path, capsys):
     cfg, out = write_config(tmp_path, "prose.jsonl.gz"), tmp_path / "out"
     assert cli.main(["prepare", str(cfg), "--out", str(out), "--workers", "1"]) == 0
     captured = capsys.readouterr()
-    assert "MB/s" in captured.out
+    assert "MB/s" in captured.err  # the log line of prepare()
     data = PreparedData(out)
     assert data.meta["splits"]["train"]["documents"] + data.meta["splits"]["val"]["documents"] == 4
     assert cli.main(["prepare", str(cfg), "--out", str(out)]) == 0
-    assert "reusing" in capsys.readouterr().out
+    assert "reusing" in capsys.readouterr().err
 
 
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):

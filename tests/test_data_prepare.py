@@ -113,7 +113,7 @@ def test_same_inputs_give_identical_shards(prepared, corpora, tmp_path):
 def test_second_run_reuses_directory(prepared, corpora, capsys):
     before = (prepared.path / "meta.json").stat().st_mtime_ns
     assert prepare(small_cfg(corpora), prepared.path) == prepared.path
-    assert "reusing" in capsys.readouterr().out
+    assert "reusing" in capsys.readouterr().err
     assert (prepared.path / "meta.json").stat().st_mtime_ns == before
 
 
@@ -256,7 +256,7 @@ def test_prepared_data_is_portable_and_fingerprinted_by_content(prepared, corpor
         os.utime(f, (1, 1))
     cfg = small_cfg({"root": moved})
     assert prepare(cfg, prepared.path) == prepared.path
-    assert "reusing" in capsys.readouterr().out
+    assert "reusing" in capsys.readouterr().err
     # Shards copied to a machine without the raw corpus: training (trust_complete) uses them.
     cluster = tmp_path / "cluster" / "data"
     shutil.copytree(prepared.path, cluster)

@@ -295,7 +295,7 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(zero1_run, tmp_pa
     shutil.copytree(zero1_run, run_dir)
     proc = run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", "train.max_steps=3",
                     "--set", "optim.lr=0.004"], tmp_path)
-    assert "resume applies optim.lr: 0.01 -> 0.004" in proc.stdout
+    assert "resume applies optim.lr: 0.01 -> 0.004" in proc.stderr
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.004
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     lr3 = next(r["lr"] for r in rows if r["step"] == 3 and "lr" in r)
@@ -401,7 +401,7 @@ def test_no_validation_data_is_refused_before_step_one(tmp_path):
     # Asking for no validation trains with a warning and no validation rows.
     ok = run_cli(["train", "--config", str(tmp_path / "one.yaml"), "--run-dir", str(tmp_path / "run"),
                   "--set", "data.val_fraction=0", "--set", "data.prepared_dir=" + str(tmp_path / "prepared0")], tmp_path)
-    assert "training without validation" in ok.stdout
+    assert "training without validation" in ok.stderr
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not any("val_loss" in r for r in rows) and checkpoint_steps(tmp_path / "run") == [2]
 

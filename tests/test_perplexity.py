@@ -366,5 +366,5 @@ def test_default_batch_matches_batch_one_and_logs_progress_without_a_terminal(do
     auto = evaluate_perplexity(model, docs, [8, 16])  # pytest's stderr is no terminal: plain lines
     for a, b in zip(one, auto):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ppl L=")]
-    assert lines and lines[-1] == f"ppl L=16: {auto[1]['windows']}/{auto[1]['windows']} windows, batch 64"
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bifocal: ppl L=")]
+    assert lines and lines[-1] == f"bifocal: ppl L=16: {auto[1]['windows']}/{auto[1]['windows']} windows, batch 64"

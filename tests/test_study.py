@@ -61,8 +61,8 @@ def test_second_run_reuses_finished_runs_and_results(study):
     t0 = time.perf_counter()
     proc = run_cli(["study", "extrapolation", "--preset", "smoke", "--out", "out"], out.parent)
     second = time.perf_counter() - t0
-    assert proc.stdout.count("finished run found") == 2
-    assert proc.stdout.count("is current, reusing it") == 8
+    assert proc.stderr.count("finished run found") == 2
+    assert proc.stderr.count("is current, reusing it") == 8
     assert (out / "runs" / "rope" / "summary.json").stat().st_mtime == stamp
     assert second < first
 
@@ -110,10 +110,10 @@ def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
     assert "| rope | rope | 2 | 32 |" in md and "±" in md
     assert "| 8 | 32 | 64* |" in md  # only lengths past the training length are marked
     assert "own perplexity at its training length" in md
-    assert "seeds 1234, 1235" in proc.stdout
+    assert "seeds 1234, 1235" in proc.stderr
     # eval.step: the step-3 checkpoints of the same runs, evaluated without training, into out/step3
     mid = run_cli(args + ["--set", "eval.step=3", "--label", "step3"], tmp_path, timeout=1200)
-    assert "training" not in mid.stdout
+    assert "training" not in mid.stderr
     early = load(out / "step3" / "results" / "rope-s1234.json")
     assert early.extra["settings"]["step"] == 3 and early.rows[0]["ppl"] != results[0].rows[0]["ppl"]
     assert early.model == "rope[step3]" and early.scheme == "rope"  # --label tags the rows

@@ -159,8 +159,8 @@ def test_study_tasks_smoke_with_seeds(tmp_path):
     del data["extra"]["held_out_fraction"], data["extra"]["settings"]
     old.write_text(json.dumps(data))
     again = run_cli(args, cwd=tmp_path)
-    assert again.stdout.count("finished run found") == 2 and again.stdout.count("evaluating") == 1
-    assert again.stdout.count("result is current") == 1
+    assert again.stderr.count("finished run found") == 2 and again.stderr.count("evaluating") == 1
+    assert again.stderr.count("result is current") == 1
     assert "held_out_fraction" in results.load(old).extra
     # A single-seed study records its training seed too, so separate studies combine in one report.
     single = [a for a in args if a not in ("--seeds", "2")][:-1] + ["train.seed=9"]

@@ -73,10 +73,11 @@ def test_one_process_run_is_complete(reference):
     assert "spectral/frequencies_vs_rope" in tags["images"]
     # The run's hyperparameters (HPARAMS tab) with its final numbers.
     assert acc.PluginTagToContent("hparams") and "hparam/val_loss" in tags["scalars"]
-    # No terminal (captured output): a plain training line every log_every (1 here) steps.
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ") and "tokens/s" in ln]
-    assert [ln.split(":")[0] for ln in lines] == [f"step {s}/8" for s in range(1, 9)]
-    assert re.fullmatch(r"step 8/8: loss \d+\.\d{4}, lr [\d.e-]+, [\d,]+ tokens/s, ETA 0m00s", lines[-1])
+    # No terminal (captured output): a plain training line every log_every (1 here) steps, in the log.
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bifocal: step ") and "tokens/s" in ln]
+    assert [ln.split(":")[1] for ln in lines] == [f" step {s}/8" for s in range(1, 9)]
+    assert re.fullmatch(r"bifocal: step 8/8: loss \d+\.\d{4}, lr [\d.e-]+, [\d,]+ tokens/s, ETA 0m00s", lines[-1])
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # no bar drawn into the log
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the wandb extra is not installed")
@@ -139,7 +140,7 @@ def test_resume_is_bitwise_identical(reference, tiny_config, tmp_path):
     (run_dir / "checkpoints" / "step_00000007").mkdir()
     (run_dir / "checkpoints" / "step_00000007" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     proc = run_cli(["train", "--resume", "--run-dir", str(run_dir)], tmp_path)
-    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
     ref, got = losses(reference[0]), losses(run_dir)
     assert [got[s] for s in range(5, 9)] == [ref[s] for s in range(5, 9)]  # bitwise on CPU fp32
 
@@ -218,7 +219,7 @@ def test_nan_skip_mode_continues(tiny_config, tmp_path):
     proc = run_cli(["train", "--config", str(tiny_config), "--set", "train.run_name=skip", "--set", "optim.lr=1e30",
                     "--set", "optim.warmup_steps=0", "--set", "train.on_nan=skip", "--set", "train.max_steps=6",
                     "--set", "train.eval_every=0"], tmp_path)
-    assert "step skipped" in proc.stdout
+    assert "step skipped" in proc.stderr
     assert checkpoint.latest_checkpoint(tmp_path / "runs" / "skip")[0] == 6
 
 
@@ -272,7 +273,7 @@ def test_resume_on_a_different_number_of_ranks(reference, tiny_config, tmp_path)
     train(tiny_config, tmp_path, "uni", "deepspeed.zero_stage=2", "train.micro_batch=2", ranks=2)
     shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
     proc = run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", "train.micro_batch=4"], tmp_path)
-    assert "universal checkpoint" in proc.stdout and "resumed from" in proc.stdout
+    assert "universal checkpoint" in proc.stderr and "resumed from" in proc.stderr
     ref, got = losses(reference[0]), losses(run_dir)
     for step in range(5, 9):
         assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
@@ -294,5 +295,5 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_config, tmp_path):
     stopped_at = max(losses(run_dir))
     assert stopped_at < 400 and checkpoint.latest_checkpoint(run_dir)[0] == stopped_at
     resumed = run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", f"train.max_steps={stopped_at + 2}"], tmp_path)
-    assert f"at step {stopped_at}" in resumed.stdout
+    assert f"at step {stopped_at}" in resumed.stderr
     assert checkpoint.latest_checkpoint(run_dir)[0] == stopped_at + 2
