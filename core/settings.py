@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import types
 import typing
 from typing import Any, Mapping, TypeVar
 
@@ -178,8 +179,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if hint is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), type=_yaml_value,
-                                required=value is dataclasses.MISSING, help=help_text)
+            # A text setting keeps what was typed (a label "1", lengths "32"); others read as YAML.
+            text_only = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                        and set(typing.get_args(hint)) == {str, type(None)})
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                type=str if text_only else _yaml_value, required=value is dataclasses.MISSING,
+                                help=help_text)
 
 
 def _yaml_value(text: str) -> Any:
@@ -194,4 +199,12 @@ def from_arguments(cls: type[T], args: argparse.Namespace, where: str = "") -> T
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if f.init and getattr(args, f.name, None) is not None}
     return build(cls, given, where)
+
+
+def resolve_arguments(cls: type, args: argparse.Namespace, where: str = "") -> argparse.Namespace:
+    """`args` with the fields of `cls` replaced by the validated settings (declared defaults for the
+    flags not given); other attributes (positional arguments, the handler) kept. Raises
+    BifocalError for a value the declaration refuses."""
+    settings = from_arguments(cls, args, where)
+    return argparse.Namespace(**{**vars(args), **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)}})
 

@@ -151,6 +151,11 @@ def run(model_path: str | Path, lengths: list[int] | None = None, trials: int = 
 
 
 def main(args: argparse.Namespace) -> int:
+    from bifocal.core.settings import resolve_arguments
+
+    from .settings import PasskeySettings
+
+    args = resolve_arguments(PasskeySettings, args, "eval passkey")
     lengths = None if args.lengths is None else parse_lengths(args.lengths)
     result, path = run(args.model, lengths, trials=args.trials, seed=args.seed, rope_scaling=args.rope_scaling,
                        factor=args.factor, device=args.device, out=args.out, data=args.data, model_label=args.label)

@@ -431,6 +431,11 @@ def same_targets(rows: list[dict]) -> bool | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bifocal.core.settings import resolve_arguments
+
+    from .settings import PplSettings
+
+    args = resolve_arguments(PplSettings, args, "eval ppl")
     from .loading import load_model
     from .results import EvalResult
 

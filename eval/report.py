@@ -648,6 +648,11 @@ def load_analysis(source: str) -> Analysis:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bifocal.core.settings import resolve_arguments
+
+    from .settings import ReportSettings
+
+    args = resolve_arguments(ReportSettings, args, "eval report")
     from bifocal.core.errors import BifocalError
 
     analysis = load_analysis(args.analysis) if getattr(args, "analysis", None) else None

@@ -260,6 +260,11 @@ def run(model_path: str | Path, out: str | Path | None = None, data: str | Path 
 
 
 def main(args: argparse.Namespace) -> int:
+    from bifocal.core.settings import resolve_arguments
+
+    from .settings import SpectrumSettings
+
+    args = resolve_arguments(SpectrumSettings, args, "eval spectrum")
     result, out_dir = run(args.model, out=args.out, data=args.data, modulus=args.modulus,
                           windows=getattr(args, "windows", 8), device=getattr(args, "device", None))
     print(f"spectrum of {result['model']} ({result['scheme']}):")

@@ -232,6 +232,11 @@ def run(model_path: str | Path, task: str, n: int = 200, seed: int = 1, device: 
 
 
 def main(args: argparse.Namespace) -> int:
+    from bifocal.core.settings import resolve_arguments
+
+    from .settings import TasksSettings
+
+    args = resolve_arguments(TasksSettings, args, "eval tasks")
     result, path = run(args.model, args.task, n=args.n, seed=args.seed, device=getattr(args, "device", None),
                        out=args.out)
     print(f"task {args.task}: {result.model} ({result.scheme})")

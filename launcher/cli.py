@@ -89,74 +89,37 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, passkey, reports, spectral inspection")
     esub = p.add_subparsers(dest="eval_command", required=True)
 
+    from bifocal.core.settings import add_arguments
+
+    # The declarations live with the commands, in the eval layer, which the launcher does not import:
+    # they are named like the handlers and loaded when the parser is built.
+    PplSettings, ReportSettings, PasskeySettings, SpectrumSettings, TasksSettings = (
+        _resolve(f"bifocal.eval.settings:{name}") for name in
+        ("PplSettings", "ReportSettings", "PasskeySettings", "SpectrumSettings", "TasksSettings"))
+
     ppl = esub.add_parser("ppl", help="perplexity at several context lengths")
     ppl.add_argument("model", help="run directory or exported model directory")
-    ppl.add_argument("--data", default=None, help="prepared data dir (validation split) or raw files")
-    ppl.add_argument("--lengths", default="512,1024,2048", help="comma-separated context lengths")
-    ppl.add_argument("--stride", type=int, default=None,
-                     help="sliding-window stride (default: length - min context + 1; non-overlapping without --min-context)")
-    ppl.add_argument("--min-context", default=None, metavar="C",
-                     help="score every target with at least C tokens of context: tokens (24) or a fraction of "
-                          "the length (0.75L)")
-    ppl.add_argument("--first-target", type=int, default=None, metavar="P",
-                     help="score each document from token P on (default: the largest min context, so every "
-                          "length scores the same targets)")
-    ppl.add_argument("--targets-per-doc", type=int, default=None, metavar="N",
-                     help="score at most N targets per document (default: to its end)")
-    ppl.add_argument("--rope-scaling", default=None, choices=list(SCALINGS))
-    ppl.add_argument("--factor", default=None,
-                     help="rope scaling factor for every length (default: max length / train length), or "
-                          "'matched': s = length / train length at each length")
-    ppl.add_argument("--max-docs", type=int, default=None, help="documents per length (default: all)")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="tokens scored per length at most")
-    ppl.add_argument("--batch-size", type=int, default=None,
-                     help="windows per batch (default: about 16k tokens per batch, halved on out-of-memory)")
-    ppl.add_argument("--device", default=None)
-    ppl.add_argument("--out", default=None, help="JSON result path")
-    ppl.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_arguments(ppl, PplSettings)
     ppl.set_defaults(handler="bifocal.eval.perplexity:main")
 
     rep = esub.add_parser("report", help="collect results into report.md and extrapolation.png")
     rep.add_argument("results", nargs="+", help="result JSON files or directories holding them")
-    rep.add_argument("--out", default="report", help="output directory")
-    rep.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
-    rep.add_argument("--analysis", default=None, metavar="STUDY",
-                     help="test the endpoints and comparisons declared in this study YAML's analysis: section "
-                          "(a path or a preset name, e.g. cpu)")
+    add_arguments(rep, ReportSettings)
     rep.set_defaults(handler="bifocal.eval.report:main")
 
     pk = esub.add_parser("passkey", help="passkey retrieval accuracy against context length")
-    pk.add_argument("model")
-    pk.add_argument("--lengths", default=None, help="comma-separated context lengths, answer included "
-                    "(default: 1,2,4,8,16 x the training length)")
-    pk.add_argument("--data", default=None, help="filler text: a prepared dir (validation split) or raw files "
-                    "(default: the run's own validation split)")
-    pk.add_argument("--trials", type=int, default=10)
-    pk.add_argument("--label", default=None, help="report row name (default: the run's name); runs of one scheme "
-                    "sharing it are averaged over their training seeds")
-    pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--rope-scaling", default=None, choices=list(SCALINGS))
-    pk.add_argument("--factor", type=float, default=None)
-    pk.add_argument("--device", default=None)
-    pk.add_argument("--out", default=None)
+    pk.add_argument("model", help="run directory or exported model directory")
+    add_arguments(pk, PasskeySettings)
     pk.set_defaults(handler="bifocal.eval.passkey:main")
 
     sp = esub.add_parser("spectrum", help="learned Omega, A, Phi against the RoPE initialisation")
-    sp.add_argument("model")
-    sp.add_argument("--out", default=None, help="output directory (default: RUN/spectrum)")
-    sp.add_argument("--data", default=None, help="data for attention-entropy measurement")
-    sp.add_argument("--modulus", type=int, default=None, help="compare frequencies with 2*pi/p")
-    sp.add_argument("--windows", type=int, default=8, help="validation windows for the attention statistics")
-    sp.add_argument("--device", default=None)
+    sp.add_argument("model", help="run directory or exported model directory")
+    add_arguments(sp, SpectrumSettings)
     sp.set_defaults(handler="bifocal.eval.spectrum:main")
 
     tk = esub.add_parser("tasks", help="algorithmic tasks: loss and exact match in/out of distribution")
-    tk.add_argument("model")
-    tk.add_argument("--task", required=True, choices=list(SYNTHETIC_TASKS))
-    tk.add_argument("--n", type=int, default=200, help="examples per setting")
-    tk.add_argument("--seed", type=int, default=1)
-    tk.add_argument("--device", default=None)
-    tk.add_argument("--out", default=None)
+    tk.add_argument("model", help="run directory or exported model directory")
+    add_arguments(tk, TasksSettings)
     tk.set_defaults(handler="bifocal.eval.tasks_eval:main")
 
 

@@ -86,3 +86,43 @@ def test_the_training_length_is_one_key():
     cfg = load_config(None, ["model.max_seq_len=48"])
     assert cfg.model.max_seq_len == 48 and not hasattr(cfg.train, "seq_len")
     assert "seq_len" not in cfg.to_dict()["train"] and "eval" not in cfg.to_dict()
+
+
+@pytest.mark.parametrize("command,declared", [
+    (["bench"], "bifocal.launcher.settings:BenchSettings"),
+    (["eval", "ppl"], "bifocal.eval.settings:PplSettings"),
+    (["eval", "report"], "bifocal.eval.settings:ReportSettings"),
+    (["eval", "passkey"], "bifocal.eval.settings:PasskeySettings"),
+    (["eval", "spectrum"], "bifocal.eval.settings:SpectrumSettings"),
+    (["eval", "tasks"], "bifocal.eval.settings:TasksSettings"),
+])
+def test_command_flags_and_help_come_from_the_declarations(command, declared):
+    """Each field is one flag whose help is the field's description, and nothing else is a flag."""
+    import dataclasses
+    import importlib
+
+    from bifocal.core.settings import description
+    from bifocal.launcher.cli import build_parser
+
+    module, name = declared.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    parser = build_parser()
+    for word in command:
+        parser = next(a for a in parser._actions if a.dest in ("command", "eval_command")).choices[word]
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    command_own = {"config", "overrides"} if command == ["bench"] else set()  # the run config it times
+    assert set(flags) - command_own == fields
+    for field in fields:
+        assert description(cls, field) in flags[field].help, field
+
+
+def test_eval_values_are_validated_by_the_declaration(tmp_path):
+    from conftest import run_cli
+
+    for args, needle in ((["ppl", "x", "--stride", "0"], "eval ppl.stride=0 is invalid: must be a positive integer"),
+                         (["ppl", "x", "--rope-scaling", "yarm"], "rope_scaling='yarm' is invalid: one of pi"),
+                         (["passkey", "x", "--trials", "two"], "eval passkey.trials='two' is invalid"),
+                         (["tasks", "x", "--task", "sort"], "eval tasks.task='sort' is invalid: one of dyck")):
+        proc = run_cli(["eval", *args], tmp_path, check=False)
+        assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
