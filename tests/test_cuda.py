@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from bifocal.model import GPT, GPTConfig, KVCache
+from bifocal.model.schemes import SCHEMES as REGISTRY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
+SCHEMES = tuple(REGISTRY)  # every registered scheme
 
 
 def model(scheme: str, seed: int = 0, dtype=torch.bfloat16) -> GPT:

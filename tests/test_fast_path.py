@@ -10,8 +10,9 @@ from bifocal.launcher.throughput import mfu, peak_flops
 from bifocal.model import GPT, GPTConfig
 from bifocal.model.flops import flops_per_token, matmul_params
 from bifocal.model.loss import cross_entropy, linear_cross_entropy
+from bifocal.model.schemes import SCHEMES as REGISTRY
 
-SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
+SCHEMES = tuple(REGISTRY)  # every registered scheme
 
 
 def tiny(scheme: str = "bifocal", seed: int = 0, **kw) -> GPT:

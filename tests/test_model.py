@@ -13,8 +13,9 @@ from bifocal.core.errors import BifocalError
 from bifocal.model import GPT, GPTConfig, RopeScaling
 from bifocal.model.position import PositionContext, make_context, scaled_inv_freq
 from bifocal.model.position.pope import PolarPosition, pope_freqs
+from bifocal.model.schemes import SCHEMES as REGISTRY
 
-SCHEMES = ["rope", "spectral", "bifocal", "pope", "nope"]
+SCHEMES = tuple(REGISTRY)  # every registered scheme
 
 
 def tiny(scheme: str, **kw) -> GPTConfig:

@@ -14,10 +14,11 @@ import yaml
 
 from bifocal.data_pipeline.loader import PreparedData, WindowSampler, reset_positions, window_documents
 from bifocal.model import GPT, GPTConfig
+from bifocal.model.schemes import SCHEMES as REGISTRY
 
 from conftest import run_cli
 
-SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
+SCHEMES = tuple(REGISTRY)  # every registered scheme
 
 
 def prepared(tiny_config) -> PreparedData:

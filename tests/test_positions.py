@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from bifocal.model import GPT, GPTConfig
+from bifocal.model.schemes import SCHEMES as REGISTRY
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import make_gpt_reference as ref  # noqa: E402
 
-SCHEMES = ("rope", "bifocal", "spectral", "pope", "nope")
+SCHEMES = tuple(REGISTRY)  # every registered scheme
 REFERENCE = Path(__file__).parent / "data" / "gpt_reference_f15196d.safetensors"
 
 
