@@ -57,3 +57,11 @@ def test_env_reports_the_installed_versions(tmp_path):
         assert rows[name] == metadata.version(name)
     assert rows["bifocal"] == metadata.version("bifocal")
     assert rows["device"].startswith(("cpu", "cuda")) and "cuda" in rows
+
+
+def test_the_dependency_lanes_name_existing_tests():
+    """.ci/dependency-tests.txt: what the oldest and newest lanes run."""
+    listed = [line.split("#")[0].strip() for line in (REPO / ".ci" / "dependency-tests.txt").read_text().splitlines()]
+    listed = [name for name in listed if name]
+    assert len(listed) >= 10 and "tests/test_hf_downstream.py" in listed
+    assert [name for name in listed if not (REPO / name).is_file()] == []
