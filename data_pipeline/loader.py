@@ -141,6 +141,20 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.inputs), move(self.labels), move(self.positions), move(self.documents))
 
+    def shard(self, index: int, count: int) -> "Batch":
+        """The `index`-th of `count` contiguous slices of every sequence (B, T/count), for sequence
+        parallelism: positions are the slice's global ones (index * T/count + ... when the batch had
+        none), so every position scheme rotates each token as in the whole sequence."""
+        if count == 1:
+            return self
+        B, T = self.inputs.shape
+        if T % count:
+            raise BifocalError(f"sequence length {T} does not split into {count} equal shards")
+        positions = self.positions if self.positions is not None else torch.arange(T).expand(B, T)
+        part = slice(index * T // count, (index + 1) * T // count)
+        cut = lambda t: None if t is None else t[:, part].contiguous()  # noqa: E731
+        return Batch(cut(self.inputs), cut(self.labels), cut(positions), cut(self.documents))
+
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments GPT.forward takes besides inputs and labels (none for plain windows)."""
         return {k: v for k, v in (("positions", self.positions), ("documents", self.documents)) if v is not None}
@@ -168,7 +182,8 @@ class WindowSampler:
 
     def __init__(self, data: PreparedData | str, split: str, seq_len: int, micro_batch: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None,
-                 grad_accum: int = 1, positions: str = "continue", attention: str = "causal") -> None:
+                 grad_accum: int = 1, positions: str = "continue", attention: str = "causal",
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.data = _as_data(data)
         if seq_len < 1 or micro_batch < 1 or world_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
             raise BifocalError(f"WindowSampler: invalid seq_len={seq_len}, micro_batch={micro_batch}, "
@@ -207,6 +222,9 @@ class WindowSampler:
         self._offsets = [self.data.offsets(name, split) for name in names]
         # What a window of packed documents means to the model (data.positions, data.attention).
         self.positions, self.attention = positions, attention
+        # (index, count): this rank's slice of every window under sequence parallelism (Batch.shard);
+        # rank and world_size are then the data-parallel ones, shared by the ranks of a sequence.
+        self.shard = shard
         self._starts = np.asarray([len(t) - seq_len for t in arrays], dtype=np.int64)  # valid starts per source
         self.counter = 0
         self._drawn: tuple[int, np.ndarray, np.ndarray] | None = None  # the current step's draw
@@ -230,7 +248,7 @@ class WindowSampler:
 
     def sample(self) -> Batch:
         """The next micro-batch of this rank, with the positions (`positions="reset"`) and documents
-        (`attention="document"`) the sampler was built for."""
+        (`attention="document"`) the sampler was built for; this rank's `shard` of each window."""
         step, micro = divmod(self.counter, self.grad_accum)
         if self._drawn is None or self._drawn[0] != step:
             self._drawn = (step, *self.draw(step))
@@ -249,7 +267,7 @@ class WindowSampler:
                 batch.documents = torch.from_numpy(docs)
             if self.positions == "reset":
                 batch.positions = torch.from_numpy(reset_positions(docs))
-        return batch
+        return batch.shard(*self.shard)
 
     def state_dict(self) -> dict:
         return {"counter": self.counter, "seed": self.seed, "split": self.split, "seq_len": self.seq_len,

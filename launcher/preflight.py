@@ -121,6 +121,8 @@ def check_global_batch(before: RunConfig, after: RunConfig, saved_world: int, wo
     continues the same windows at every step (loader.py) and the same token count (step x tokens
     per step); it may not change the global batch, which would not continue the same data order."""
     a, b = before.train, after.train
+    # The ranks of a sequence-parallel group read the same windows: count data-parallel ranks.
+    saved_world, world = saved_world // a.sequence_parallel, world // b.sequence_parallel
     saved, now = a.micro_batch * a.grad_accum * saved_world, b.micro_batch * b.grad_accum * world
     if saved == now:
         return

@@ -23,7 +23,7 @@ from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.loader import PreparedData, WindowSampler
 from bifocal.run import checkpoint, distributed as dist
-from bifocal.run.config import RunConfig, deepspeed_config, load_config, save_config
+from bifocal.run.config import RunConfig, check_sequence_parallel, deepspeed_config, load_config, save_config
 from bifocal.run.metrics import drop_rows_after, require_wandb
 from bifocal.run.run_lock import RunLock
 
@@ -55,7 +55,7 @@ class TrainState:
     @property
     def tokens_per_step(self) -> int:
         t = self.cfg.train
-        return t.micro_batch * t.grad_accum * dist.world_size() * self.cfg.model.max_seq_len
+        return t.micro_batch * t.grad_accum * dist.data_parallel_size() * self.cfg.model.max_seq_len
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint stores beside DeepSpeed's own state, so a resume sees the same data."""
@@ -246,20 +246,23 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
-def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict,
+                      mpu=None):
     """`deepspeed.initialize`, without the optimizer step DeepSpeed's fp16/bf16 wrappers for ZeRO-0
     take on zero gradients to create the optimizer state (`initialize_optimizer_states` of
     FP16_UnfusedOptimizer and FP16_Optimizer, DeepSpeed 0.19.8). With AdamW that step counts: every
     later bias correction comes one step late (the first update is 0.735 of the learning rate; with
     betas 0.9/0.95 the lag fades over some 30 steps) and the matrices are decayed once. Weight decay
     is held at 0 through it (a zero-gradient Adam step then moves nothing) and the state it created
-    is dropped, so the first real step is Adam's step 1, as under ZeRO 1-3 and fp32."""
+    is dropped, so the first real step is Adam's step 1, as under ZeRO 1-3 and fp32. `mpu`: the
+    sequence-parallel groups (distributed.init_sequence_parallel), or None."""
     import deepspeed
 
     decay = [g["weight_decay"] for g in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["weight_decay"] = 0.0
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                          mpu=mpu)
     for group, value in zip(optimizer.param_groups, decay):
         group["weight_decay"] = value
     optimizer.state.clear()
@@ -312,6 +315,8 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
     """Collective, while this process holds the run directory: every rank builds the same engine;
     returns the state at the first step to run."""
     rank, world = dist.rank(), dist.world_size()
+    sp = cfg.train.sequence_parallel
+    check_sequence_parallel(sp, cfg.model, world)
     check_run_dir(run_dir, args.resume)
     require_wandb(cfg.train.wandb_project)
 
@@ -319,6 +324,8 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
     hf = hf_source(args, run_dir, cfg)
     if cfg.train.init_from and hf:
         raise BifocalError("train.init_from and --init-from-hf: one or the other")
+    if hf and sp > 1:
+        raise BifocalError(f"train.sequence_parallel={sp}: bifocal's own model only, not --init-from-hf")
     changes = preflight.check_resume(run_dir, cfg, data, from_hf=bool(hf), world=world) if args.resume else []
     resume_from = checkpoint.latest_checkpoint(run_dir) if args.resume else None
     # A resumed extension continues from its own checkpoint; the parent is read only at the start.
@@ -341,13 +348,17 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
         resume_from = (resume_from[0], universal_checkpoint(resume_from[1], world))
         ds_config["checkpoint"] = {"load_universal": True}
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    engine = initialize_engine(model, optimizer, scheduler, ds_config)
+    mpu = dist.init_sequence_parallel(sp)
+    if mpu is not None:
+        model.set_sequence_parallel(dist.sequence_parallel_group())
+    engine = initialize_engine(model, optimizer, scheduler, ds_config, mpu)
     if cfg.train.compile:
         engine.compile()  # the module in place: checkpoint keys stay the same
 
     sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
-                            rank=rank, world_size=world, grad_accum=cfg.train.grad_accum,
-                            positions=cfg.data.positions, attention=cfg.data.attention)
+                            rank=dist.data_parallel_rank(), world_size=dist.data_parallel_size(),
+                            grad_accum=cfg.train.grad_accum, positions=cfg.data.positions, attention=cfg.data.attention,
+                            shard=(dist.sequence_parallel_rank(), sp))
     state = TrainState(cfg=cfg, run_dir=run_dir, device=device, engine=engine, scheduler=scheduler, data=data,
                        sampler=sampler, validate=validate, resume=args.resume, param_names=param_names)
     if resume_from is not None:

@@ -20,7 +20,7 @@ from bifocal.run import distributed as dist
 
 @dataclass
 class StepResult:
-    loss: float                # mean training loss over micro-batches and ranks (nan/inf if bad)
+    loss: float                # mean training loss over micro-batches and sequences (nan/inf if bad)
     finite: bool               # False: the step was not applied
     stop: bool                 # some rank asked to stop (SIGTERM/SIGINT)
     grad_norm: float | None    # only when asked for (it costs a host sync of its own)
@@ -89,8 +89,9 @@ def train_step(engine, sampler, device: str, grad_accum: int, stop_requested: bo
     flags = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(),
                          torch.tensor(float(stop_requested), device=device)])
     total, nonfinite, stop = agree(flags)
-    world = dist.world_size()
-    result = StepResult(loss=total / (world * grad_accum), finite=not nonfinite, stop=stop > 0, grad_norm=None)
+    # Under sequence parallelism each rank's loss is its share of its sequences' mean: count sequences.
+    result = StepResult(loss=total / (dist.data_parallel_size() * grad_accum), finite=not nonfinite, stop=stop > 0,
+                        grad_norm=None)
     if nonfinite:
         skip_step(engine, loss)
         return result

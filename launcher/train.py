@@ -151,8 +151,9 @@ def evaluate(state: TrainState) -> float:
     """Mean validation loss over the same `eval_batches` windows every time (collective)."""
     cfg, engine = state.cfg, state.engine
     sampler = WindowSampler(state.data, "val", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed + 1,
-                            rank=dist.rank(), world_size=dist.world_size(), positions=cfg.data.positions,
-                            attention=cfg.data.attention)
+                            rank=dist.data_parallel_rank(), world_size=dist.data_parallel_size(),
+                            positions=cfg.data.positions, attention=cfg.data.attention,
+                            shard=(dist.sequence_parallel_rank(), dist.sequence_parallel_size()))
     engine.eval()
     total = 0.0
     with torch.no_grad():
@@ -161,8 +162,8 @@ def evaluate(state: TrainState) -> float:
             _, loss = engine(batch.inputs, batch.labels, return_logits=False, **batch.model_kwargs())
             total += float(loss)
     engine.train()
-    s, n = dist.all_reduce_sum([total, cfg.train.eval_batches])
-    return s / n
+    # Under sequence parallelism the ranks of a sequence each hold a share of its loss.
+    return dist.all_reduce_sum([total])[0] / (cfg.train.eval_batches * dist.data_parallel_size())
 
 
 class Checkpoints:

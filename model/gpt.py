@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig, RopeScaling
-from .loss import cross_entropy, linear_cross_entropy
+from .loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 from .position import PositionContext, build_position, make_context, position_parameters
 
 
@@ -86,6 +86,7 @@ class Attention(nn.Module):
         self.o_proj._residual_out = True
         self.position = build_position(cfg)
         self.dropout = cfg.dropout
+        self.ulysses = None  # DeepSpeed's DistributedAttention when sequence parallel (set_sequence_parallel)
 
     def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
                 mask: Tensor | None = None, attentions: list[Tensor] | None = None) -> Tensor:
@@ -104,7 +105,12 @@ class Attention(nn.Module):
             mask = _cached_mask(T, past, x.device)
         scale = 1.0 / math.sqrt(self.head_dim)  # explicit: PoPE's keys are 2d wide
         dropout = self.dropout if self.training else 0.0
-        if attentions is not None:  # the probabilities are wanted: the same attention, unfused
+        if self.ulysses is not None:
+            # Sequence parallel: (B, T/N, heads, d) shards of the sequence are exchanged (all-to-all) for
+            # the whole sequence of heads/N, attended, and exchanged back: y (B, n_head, T/N, d).
+            y = self.ulysses(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask, scale,
+                             dropout).transpose(1, 2)
+        elif attentions is not None:  # the probabilities are wanted: the same attention, unfused
             y, probs = _attention_probs(q, k, v, mask, past, scale, dropout)
             attentions.append(probs)
         else:
@@ -114,6 +120,32 @@ class Attention(nn.Module):
                 scale=scale, enable_gqa=self.n_kv_head != self.n_head,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _head_shard_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout: float) -> Tensor:
+    """DistributedAttention's local attention: q (B, T, h, d), k and v (B, T, h_kv, d), the whole
+    sequence of this rank's heads -> (B, T, h, d)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                       scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return y.transpose(1, 2)
+
+
+def _gather_sequence(x: Tensor, group) -> Tensor:
+    """(B, T/N) shards of the sequence-parallel group -> (B, T), in rank order (no gradient)."""
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _sequence_share(loss: Tensor, labels: Tensor, group) -> Tensor:
+    """A shard's mean loss (over its own labels) -> its share of the mean over the whole sequence:
+    shard sum / all shards' token count. The shares add up to the unsharded loss, and DeepSpeed sums
+    gradients over the sequence-parallel ranks, so every gradient is the unsharded model's."""
+    count = (labels != IGNORE_INDEX).sum()
+    total = count.clone()
+    torch.distributed.all_reduce(total, group=group)
+    return torch.where(count > 0, loss * (count / total.clamp(min=1)), 0.0)  # a shard of padding adds 0, not nan
 
 
 def _attention_probs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past: int, scale: float,
@@ -196,6 +228,7 @@ class Decoder(nn.Module):
         # set_activation_checkpointing. `checkpoint_fn` is torch's, or the one transformers hands in.
         self.checkpoint_every = 0
         self.checkpoint_fn = partial(checkpoint, use_reentrant=False)
+        self.sequence_group = None  # see set_sequence_parallel
 
     def forward(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
                 positions: Tensor | None = None, cache: KVCache | None = None, attention_mask: Tensor | None = None,
@@ -207,16 +240,26 @@ class Decoder(nn.Module):
         0..T-1, continuing from the cache's length. `attention_mask` (B, cached+T), 0 at padding:
         padded keys are hidden (positions may count the padding: every scheme depends on m - n
         only, and padding sits outside each row's contiguous real tokens). `documents` (B, cached+T):
-        a document index per token; attention stays within a document. `hidden_states`, given,
+        a document index per token; attention stays within a document. Under sequence parallelism
+        (set_sequence_parallel) every tensor is this rank's (B, T/N) shard and positions default to
+        the shard's offset onward. `hidden_states`, given,
         receives the input of every block and the final normed state (n_layer + 1 tensors, as
         transformers' output_hidden_states); `attentions` every layer's probabilities."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         past = cache.length if cache is not None else 0
+        T_attn, first = T, past  # the queries attention sees; the default position of the first token
+        if self.sequence_group is not None:
+            if cache is not None or attention_mask is not None or hidden_states is not None or attentions is not None:
+                raise ValueError("sequence parallelism trains: no cache, padding mask, hidden states or attentions")
+            T_attn = T * torch.distributed.get_world_size(self.sequence_group)
+            first = T * torch.distributed.get_rank(self.sequence_group)
+            if documents is not None:
+                documents = _gather_sequence(documents, self.sequence_group)
         if positions is None:
-            positions = torch.arange(past, past + T, device=x.device)
+            positions = torch.arange(first, first + T, device=x.device)
         ctx = make_context(self.cfg, positions)
-        mask = build_mask(T, past, attention_mask, documents)
+        mask = build_mask(T_attn, past, attention_mask, documents)
         x = self.drop(x)
         recompute = (self.checkpoint_every > 0 and self.training and torch.is_grad_enabled() and cache is None
                      and attentions is None)
@@ -231,6 +274,20 @@ class Decoder(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         return x
+
+    def set_sequence_parallel(self, group) -> None:
+        """Shard every sequence over the ranks of `group` (DeepSpeed-Ulysses, Jacobs et al. 2023,
+        arXiv 2309.14509): each rank gets a contiguous (B, T/N) slice with its global `positions`
+        (Batch.shard), rotates its queries and keys there, and deepspeed.sequence.layer's
+        DistributedAttention all-to-all turns the (B, T/N, heads, d) shards into the whole sequence of
+        heads/N for attention and back. The loss is each shard's share of the sequence's mean.
+        n_head and n_kv_head must divide by N (run.config.check_sequence_parallel)."""
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self.sequence_group = group
+        for block in self.blocks:
+            # scatter the heads (dim 2), gather the sequence (dim 1) of batch-first tensors
+            block.attn.ulysses = DistributedAttention(_head_shard_attention, group, scatter_idx=2, gather_idx=1)
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute blocks 0, k, 2k, ... in the backward instead of keeping their activations
@@ -272,9 +329,12 @@ class GPT(Decoder):
         x = super().forward(input_ids, positions=positions, cache=cache, attention_mask=attention_mask,
                             documents=documents)
         if labels is not None and not return_logits:
-            return None, self.lm_head(x, labels)
+            return None, self._share(self.lm_head(x, labels), labels)
         logits = self.lm_head(x)
-        return logits, cross_entropy(logits, labels) if labels is not None else None
+        return logits, self._share(cross_entropy(logits, labels), labels) if labels is not None else None
+
+    def _share(self, loss: Tensor, labels: Tensor) -> Tensor:
+        return loss if self.sequence_group is None else _sequence_share(loss, labels, self.sequence_group)
 
     # -- training helpers -------------------------------------------------------------------
 

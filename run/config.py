@@ -80,11 +80,16 @@ class TrainConfig:
     fixed-frequency heads with PI or YaRN; the optimizer and schedule start fresh."""
     init_step: int | None = None
     """With init_from: the parent's checkpoint at this step (null: its newest; the run records the step)."""
+    sequence_parallel: int = 1
+    """Ranks that share each sequence (DeepSpeed-Ulysses): each holds a contiguous 1/N of every
+    sequence, attention swaps sequence shards for head shards; N divides the ranks, n_head,
+    n_kv_head and model.max_seq_len (1: off)."""
 
     def __post_init__(self) -> None:
         check(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,
               "activation_checkpointing", self.activation_checkpointing, "0 (off), 1 (every block) or k (every k-th block)")
-        positive_ints(self, "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last")
+        positive_ints(self, "micro_batch", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last",
+                      "sequence_parallel")
         check(self.on_nan in ("stop", "skip"), "on_nan", self.on_nan, "one of stop, skip")
         check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "one of auto, cpu, cuda")
 
@@ -210,7 +215,26 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
             if f"{key}.{sub}" in REMOVED_KEYS:
                 raise BifocalError(f"config key `{key}.{sub}` was removed: {REMOVED_KEYS[f'{key}.{sub}']}")
     sections = {name: build(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
+    check_sequence_parallel(sections["train"].sequence_parallel, sections["model"])
     return RunConfig(**sections, vocab_from_data="vocab_size" not in (raw.get("model") or {}))
+
+
+def check_sequence_parallel(n: int, model: GPTConfig, world: int | None = None) -> None:
+    """What DeepSpeed-Ulysses needs to split a run's sequences over `n` ranks: whole heads and key/value
+    heads per rank after the all-to-all, equal sequence shards, whole sequence-parallel groups in
+    `world` ranks (when given), and RoPE frequencies that do not depend on the sequence's length
+    (dynamic NTK reads the largest position, which a shard does not see). Raises BifocalError."""
+    if n == 1:
+        return
+    for key, value in (("n_head", model.n_head), ("n_kv_head", model.n_kv_head), ("max_seq_len", model.max_seq_len)):
+        if value % n:
+            raise BifocalError(f"train.sequence_parallel={n} must divide model.{key}={value}")
+    scaling = model.position.rope_scaling
+    if scaling is not None and scaling.type == "dynamic_ntk":
+        raise BifocalError(f"train.sequence_parallel={n} cannot train with rope_scaling dynamic_ntk: its frequencies "
+                           "follow the whole sequence's length, which no shard sees")
+    if world is not None and world % n:
+        raise BifocalError(f"train.sequence_parallel={n} must divide the number of ranks, {world}")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -239,6 +263,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.zero_stage == 3 and t.sequence_parallel > 1:
+        # ZeRO-3's reduce-scatter path averages gradients over every rank, sequence-parallel ones
+        # included (DeepSpeed 0.19.8 `__avg_scatter_grads`; deepspeedai/DeepSpeed#6841), so they came
+        # out 1/N too small; its all-reduce path divides by the data-parallel ranks only.
+        zero["reduce_scatter"] = False
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,

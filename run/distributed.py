@@ -95,6 +95,8 @@ def shutdown() -> None:
     """Destroy the process group (local, no collective), through DeepSpeed so its cached groups go
     too. A process that reaches interpreter exit with the group alive can abort there ("terminate
     called without an active exception", exit 250 through the launcher) after a finished run."""
+    global _sequence_parallel
+    _sequence_parallel = None  # DeepSpeed releases its groups with the process group
     if torch.distributed.is_initialized():
         import deepspeed.comm
 
@@ -122,6 +124,60 @@ def world_size() -> int:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# -- sequence parallelism (DeepSpeed-Ulysses) ---------------------------------------------------------
+#
+# DeepSpeed's own groups (deepspeed.runtime.sequence_parallel.parallel_state_sp, what its Ulysses
+# training passes to `deepspeed.initialize(mpu=...)`): ranks [i*N, (i+1)*N) share sequences, and the
+# engine reduces gradients and partitions ZeRO states over all ranks, averaging over the
+# data-parallel ones only (world / N), so each rank's loss is its shard's share of the sequence's.
+
+
+_sequence_parallel = None  # parallel_state_sp while its groups exist
+
+
+def init_sequence_parallel(n: int):
+    """Collective: DeepSpeed's sequence-parallel groups of `n` consecutive ranks; returns the `mpu`
+    for `deepspeed.initialize`, or None for n == 1. The groups go with the process group (shutdown)."""
+    global _sequence_parallel
+    if n == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    parallel_state_sp.initialize_sequence_parallel(n)
+    _sequence_parallel = parallel_state_sp
+    return parallel_state_sp
+
+
+def _mpu():
+    return _sequence_parallel
+
+
+def sequence_parallel_group():
+    """This rank's sequence-parallel process group, or None without sequence parallelism."""
+    mpu = _mpu()
+    return mpu.get_sequence_parallel_group() if mpu else None
+
+
+def sequence_parallel_size() -> int:
+    mpu = _mpu()
+    return mpu.get_sequence_parallel_world_size() if mpu else 1
+
+
+def sequence_parallel_rank() -> int:
+    """Which 1/N of every sequence this rank holds."""
+    mpu = _mpu()
+    return mpu.get_sequence_parallel_rank() if mpu else 0
+
+
+def data_parallel_size() -> int:
+    """Groups of ranks that read different sequences: world / sequence_parallel_size."""
+    return world_size() // sequence_parallel_size()
+
+
+def data_parallel_rank() -> int:
+    return rank() // sequence_parallel_size()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
