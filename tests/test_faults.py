@@ -203,7 +203,7 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, setting, needle):
 
 
 def test_set_betas_scalar_is_one_line(tmp_path, capsys):
-    assert "must be a list" in cli_error(["train", "--set", "optim.betas=0.9"], capsys)
+    assert "optim.betas=0.9 is invalid: input should be a valid list" in cli_error(["train", "--set", "optim.betas=0.9"], capsys)
 
 
 def corrupt_in_place(shard: Path) -> None:
