@@ -245,7 +245,7 @@ def test_skipped_steps_with_accumulation_leave_weights_untouched(tiny_config, tm
 @pytest.mark.parametrize("override,needle", [
     ("train.max_step=5", "did you mean `max_steps`"),
     ("optim.lr=fast", "optim.lr='fast' is invalid"),
-    ("model.position.scheme=alibi", "one of rope, spectral, bifocal, pope, nope"),
+    ("model.position.scheme=alibi", "one of rope, bifocal, spectral, pope, nope"),
     ("deepspeed.zero_stage=4", "zero_stage=4"),
     ("data.tokenizer.type=wordpiece", "tokenizer.type='wordpiece'"),
 ])
