@@ -29,7 +29,8 @@ from bifocal.model.config import GPTConfig
 from bifocal.model.schemes import SCHEMES
 from bifocal.model.flops import flops_per_token
 from bifocal.run import distributed as dist
-from bifocal.run.config import CONFIG_DIR, RunConfig, build_config, config_path, deepspeed_config, read_yaml
+from bifocal.run.config import (CONFIG_DIR, RunConfig, build_config, check_sequence_parallel, config_path,
+                                deepspeed_config, read_yaml)
 
 from .settings import BenchSettings
 from .throughput import mfu, peak_flops, peak_memory_mb, reset_peak_memory
@@ -112,12 +113,17 @@ def build_engine(cfg: RunConfig, scheme: str, data):
 
     model = build_model(cfg, scheme, data.vocab_size)
     optimizer, scheduler = build_optimizer(model, cfg)
-    engine = initialize_engine(model, optimizer, scheduler, deepspeed_config(cfg, dist.world_size()))
+    if cfg.train.sequence_parallel > 1:
+        model.set_sequence_parallel(dist.sequence_parallel_group())
+    engine = initialize_engine(model, optimizer, scheduler, deepspeed_config(cfg, dist.world_size()),
+                               dist.sequence_parallel_mpu())
     if cfg.train.compile:
         engine.compile()
     sampler = WindowSampler(data, "train", cfg.model.max_seq_len, cfg.train.micro_batch, seed=cfg.train.seed,
-                            rank=dist.rank(), world_size=dist.world_size(), grad_accum=cfg.train.grad_accum,
-                            positions=cfg.data.positions, attention=cfg.data.attention)
+                            rank=dist.data_parallel_rank(), world_size=dist.data_parallel_size(),
+                            grad_accum=cfg.train.grad_accum, positions=cfg.data.positions,
+                            attention=cfg.data.attention,
+                            shard=(dist.sequence_parallel_rank(), dist.sequence_parallel_size()))
     return engine, sampler
 
 
@@ -217,7 +223,8 @@ def paired_ratio(ref: dict, row: dict) -> float:
 
 def summarise(runners: list[Runner], timing: dict[str, dict], cfg: RunConfig, device: str, peak: float | None) -> list[dict]:
     world = dist.world_size()
-    tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.model.max_seq_len * world
+    # The ranks of a sequence-parallel group share their sequences: count each once.
+    tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.model.max_seq_len * dist.data_parallel_size()
     rows = []
     for r in runners:
         t = timing[r.name]
@@ -294,7 +301,8 @@ def plot(rows: list[dict], title: str, out: Path) -> Path:
 def describe(cfg: RunConfig, device: str, peak: float | None) -> str:
     t, m = cfg.train, cfg.model
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return (f"{name} x{dist.world_size()} | d_model={m.d_model} n_layer={m.n_layer} n_head={m.n_head} "
+    sp = f" (sequence parallel {t.sequence_parallel})" if t.sequence_parallel > 1 else ""
+    return (f"{name} x{dist.world_size()}{sp} | d_model={m.d_model} n_layer={m.n_layer} n_head={m.n_head} "
             f"vocab={m.vocab_size} | seq {m.max_seq_len} x micro-batch {t.micro_batch} x accum {t.grad_accum} | "
             f"{cfg.deepspeed.precision} ZeRO-{cfg.deepspeed.zero_stage} compile={t.compile} "
             f"AC={t.activation_checkpointing} | peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s per device")
@@ -317,6 +325,8 @@ def main(args: argparse.Namespace) -> int:
     device = dist.resolve_device(cfg.train.device)
     peak = peak_flops(device, cfg.deepspeed.precision, cfg.train.peak_tflops)
     dist.init_distributed(device)
+    check_sequence_parallel(cfg.train.sequence_parallel, cfg.model, dist.world_size())
+    dist.init_sequence_parallel(cfg.train.sequence_parallel)  # one set of groups for every runner
     from .setup import prepare_data
 
     data = prepare_data(cfg)

@@ -1,9 +1,10 @@
 """`bifocal launch [deepspeed launcher options] -- [train options]`.
 
-Runs `bifocal train` in every rank through DeepSpeed's own launcher, so everything it supports
-works: several GPUs on one machine (`--num_gpus 8`), several nodes over ssh (`--hostfile`,
-`--num_nodes`, `--master_addr`), or one launcher per node started by something else
-(`--no_ssh --node_rank N` with the same hostfile on every node). Under Slurm no launcher is needed:
+Runs `bifocal train` (or `bifocal bench`, named first after `--`) in every rank through
+DeepSpeed's own launcher, so everything it supports works: several GPUs on one machine
+(`--num_gpus 8`), several nodes over ssh (`--hostfile`, `--num_nodes`, `--master_addr`), or one
+launcher per node started by something else (`--no_ssh --node_rank N` with the same hostfile on
+every node). Under Slurm no launcher is needed:
 `srun bifocal train` starts the ranks itself (configs/slurm/train.sbatch, run/slurm.py).
 """
 
@@ -21,20 +22,19 @@ log = logs.get_logger(__name__)
 
 
 def build_command(launcher_args: list[str]) -> list[str]:
-    """deepspeed runner argv: its options, then this package's CLI as a module with `train` (and
-    this command's log settings, which reach the ranks on every node)."""
+    """deepspeed runner argv: its options, then this package's CLI as a module with `train`, or
+    `bench` when named (and this command's log settings, which reach the ranks on every node)."""
     args = list(launcher_args)
     if "--" in args:
         split = args.index("--")
         ds_args, train_args = args[:split], args[split + 1:]
     else:
         ds_args, train_args = args, []
-    if train_args and train_args[0] == "train":
-        train_args = train_args[1:]
+    command = train_args.pop(0) if train_args and train_args[0] in ("train", "bench") else "train"
     if "--module" in ds_args:
         raise BifocalError("bifocal launch adds --module itself; pass only launcher options before `--`")
     return [sys.executable, "-u", "-m", "deepspeed.launcher.runner", *ds_args, "--module",
-            "bifocal.launcher.cli", *logs.forward_args(), "train", *train_args]
+            "bifocal.launcher.cli", *logs.forward_args(), command, *train_args]
 
 
 def main(args: argparse.Namespace) -> int:

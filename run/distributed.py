@@ -150,24 +150,25 @@ def init_sequence_parallel(n: int):
     return parallel_state_sp
 
 
-def _mpu():
+def sequence_parallel_mpu():
+    """What init_sequence_parallel returned (for `deepspeed.initialize(mpu=...)`), or None."""
     return _sequence_parallel
 
 
 def sequence_parallel_group():
     """This rank's sequence-parallel process group, or None without sequence parallelism."""
-    mpu = _mpu()
+    mpu = sequence_parallel_mpu()
     return mpu.get_sequence_parallel_group() if mpu else None
 
 
 def sequence_parallel_size() -> int:
-    mpu = _mpu()
+    mpu = sequence_parallel_mpu()
     return mpu.get_sequence_parallel_world_size() if mpu else 1
 
 
 def sequence_parallel_rank() -> int:
     """Which 1/N of every sequence this rank holds."""
-    mpu = _mpu()
+    mpu = sequence_parallel_mpu()
     return mpu.get_sequence_parallel_rank() if mpu else 0
 
 

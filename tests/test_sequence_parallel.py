@@ -164,3 +164,17 @@ def test_refusals_are_one_line_and_write_nothing(tiny_config, tmp_path):
                        tmp_path, check=False)
         assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_bench_under_bifocal_launch(tiny_config, tmp_path):
+    """`bifocal launch -- bench --set train.sequence_parallel=2`: both ranks time the same steps and
+    tokens/s counts each sequence once (4 windows of 32 tokens a step, not 4 per rank)."""
+    out = tmp_path / "bench"
+    run_cli(["launch", "--num_gpus", "2", "--master_port", str(free_port()), "--", "bench", "--config", str(tiny_config),
+             "--data", str(tiny_config), "--schemes", "rope,pope", "--steps", "2", "--block", "1", "--warmup", "1",
+             "--set", "train.sequence_parallel=2", "--out", str(out)], tmp_path)
+    result = json.loads((out / "bench.json").read_text())
+    assert "x2 (sequence parallel 2)" in result["title"]
+    assert [row["name"] for row in result["rows"]] == ["rope", "pope"]
+    for row in result["rows"]:
+        assert row["tokens_per_s"] == pytest.approx(4 * 32 / (row["step_ms"] / 1e3))
