@@ -36,11 +36,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+# Directories a config names that save_config writes absolute: the same directory is no change.
+PATH_KEYS = ("data.prepared_dir", "train.out_dir", "train.init_from")
+
+
 def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, Any]]:
     """(dotted key, value the run had, value asked for now) for every differing key."""
     old, new = flatten(before.to_dict()), flatten(after.to_dict())
     if after.vocab_from_data:  # the data decides the vocabulary, as it did when the run started
         new["model.vocab_size"] = old.get("model.vocab_size")
+    for key in PATH_KEYS:  # config.yaml holds them absolute; a config may give them relative to here
+        for flat in (old, new):
+            if isinstance(flat.get(key), str):
+                flat[key] = str(Path(flat[key]).expanduser().resolve())
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

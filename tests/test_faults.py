@@ -288,6 +288,23 @@ def test_refused_resume_writes_nothing(zero1_run, tiny_config, tmp_path, change)
     assert tree_hashes(run_dir) == before
 
 
+def test_resume_takes_the_same_directories_given_relative(zero1_run, tmp_path):
+    """config.yaml holds data.prepared_dir absolute; a study's config names it relative to its
+    directory: the same directory is no change (an interrupted study run could not resume)."""
+    import yaml
+
+    from bifocal.run import checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero1_run, run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    relative = os.path.relpath(saved["data"]["prepared_dir"], tmp_path)
+    assert not Path(relative).is_absolute()
+    run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", "train.max_steps=3",
+             "--set", f"data.prepared_dir={relative}"], tmp_path)
+    assert checkpoint.latest_checkpoint(run_dir)[0] == 3
+
+
 def test_resume_applies_a_changed_learning_rate_and_records_it(zero1_run, tmp_path):
     import yaml
 
