@@ -96,7 +96,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = self.position(q, k, ctx)
+        late = self.ulysses is not None and self.position.widens  # rotate after the all-to-all (PoPE)
+        if not late:
+            q, k = self.position(q, k, ctx)
         past = 0
         if cache is not None:
             past = cache.layer_length(self.layer)
@@ -108,8 +110,9 @@ class Attention(nn.Module):
         if self.ulysses is not None:
             # Sequence parallel: (B, T/N, heads, d) shards of the sequence are exchanged (all-to-all) for
             # the whole sequence of heads/N, attended, and exchanged back: y (B, n_head, T/N, d).
+            rotate = partial(self.position.rotate_heads, ctx=ctx) if late else None
             y = self.ulysses(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask, scale,
-                             dropout).transpose(1, 2)
+                             dropout, rotate).transpose(1, 2)
         elif attentions is not None:  # the probabilities are wanted: the same attention, unfused
             y, probs = _attention_probs(q, k, v, mask, past, scale, dropout)
             attentions.append(probs)
@@ -122,10 +125,13 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def _head_shard_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout: float) -> Tensor:
+def _head_shard_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout: float,
+                          rotate=None) -> Tensor:
     """DistributedAttention's local attention: q (B, T, h, d), k and v (B, T, h_kv, d), the whole
-    sequence of this rank's heads -> (B, T, h, d)."""
+    sequence of this rank's heads -> (B, T, h, d); `rotate(q, k)` first, given (schemes that widen)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if rotate is not None:
+        q, k = rotate(q, k)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                        scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return y.transpose(1, 2)
@@ -259,6 +265,12 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(first, first + T, device=x.device)
         ctx = make_context(self.cfg, positions)
+        if self.sequence_group is not None and any(b.attn.position.widens for b in self.blocks):
+            group = self.sequence_group
+            ctx.sequence_positions = _gather_sequence(ctx.positions, group)
+            per_rank = self.cfg.n_kv_head // torch.distributed.get_world_size(group)
+            rank = torch.distributed.get_rank(group)
+            ctx.kv_heads = slice(rank * per_rank, (rank + 1) * per_rank)  # DistributedAttention's even split
         mask = build_mask(T_attn, past, attention_mask, documents)
         x = self.drop(x)
         recompute = (self.checkpoint_every > 0 and self.training and torch.is_grad_enabled() and cache is None

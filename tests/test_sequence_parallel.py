@@ -35,7 +35,8 @@ GRADS = Path(__file__).with_name("sequence_parallel_grads.py")
 SCHEMES = {  # each also exercises a second thing the all-to-all must get right
     "rope": [],
     "bifocal": ["model.n_kv_head=2"],  # query heads must land on the rank holding their key/value head
-    "pope": ["data.attention=document", "data.positions=reset"],  # the mask needs every shard's documents
+    # the mask needs every shard's documents; PoPE rotates after the all-to-all, each rank its key/value heads
+    "pope": ["data.attention=document", "data.positions=reset", "model.n_kv_head=2"],
 }
 
 
@@ -62,6 +63,7 @@ def test_loss_and_every_gradient_equal_the_unsharded_model(unsharded, tiny_confi
     got = gradients(tiny_config, tmp_path, "sp", 2, f"model.position.scheme={scheme}", *SCHEMES[scheme],
                     "train.sequence_parallel=2", f"deepspeed.zero_stage={stage}")
     assert ref["shard"] == (4, 32) and got["shard"] == (4, 16)  # each rank held half of every sequence
+    assert ref["widths"] == set() and got["widths"] == {8}  # head_dim: PoPE's 2d-wide q/k are made after the exchange
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert got["grads"].keys() == ref["grads"].keys()
     position = [name for name in ref["grads"] if ".position." in name]

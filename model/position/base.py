@@ -10,7 +10,7 @@ shared by all layers, from positions computed on the fly: any length works, noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -20,6 +20,10 @@ class PositionContext:
     positions: Tensor          # (B, T) int64 position of every token (B may be 1: shared by all rows)
     cos: Tensor | None = None  # (B, 1, T, d) fixed RoPE table, float32, eval-time scaling applied
     sin: Tensor | None = None
+    # Sequence parallel, for schemes that rotate after the all-to-all (`widens`): the whole sequence's
+    # positions (B, N*T), and this rank's share of the key/value heads.
+    sequence_positions: Tensor | None = None
+    kv_heads: slice = field(default_factory=lambda: slice(None))
 
     def __post_init__(self) -> None:
         if self.positions.dim() == 1:  # (T,): the same positions for every row
@@ -28,6 +32,15 @@ class PositionContext:
 
 class PositionEncoding(nn.Module):
     """rotate(q, k, ctx) -> (q, k). Keys may come out wider than values (PoPE); that is fine."""
+
+    # True when q and k come out wider than they go in (PoPE: 2d): under sequence parallelism such a
+    # scheme rotates after the all-to-all, which then moves d-wide q and k instead of 2d-wide ones.
+    widens = False
+
+    def rotate_heads(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        """Rotate the whole sequence of a head shard: q (B, n_head/N, N*T, d), k (B, n_kv_head/N,
+        N*T, d), the heads of `ctx.kv_heads`, at `ctx.sequence_positions`. Only `widens` schemes."""
+        raise NotImplementedError
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

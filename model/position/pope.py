@@ -24,15 +24,24 @@ def pope_freqs(head_dim: int, base: float, device: torch.device | None = None) -
 
 
 class PolarPosition(PositionEncoding):
+    widens = True
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.head_dim, self.base = cfg.head_dim, cfg.position.rope_base
         self.delta = nn.Parameter(torch.zeros(cfg.n_kv_head, cfg.head_dim))
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        return self._rotate(q, k, ctx.positions, self.delta)
+
+    def rotate_heads(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        # Each rank's delta slice gets its part of the gradient; DeepSpeed sums them over the group.
+        return self._rotate(q, k, ctx.sequence_positions, self.delta[ctx.kv_heads])
+
+    def _rotate(self, q: Tensor, k: Tensor, positions: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         theta = pope_freqs(self.head_dim, self.base, q.device)
-        angles = ctx.positions.to(torch.float32)[:, None, :, None] * theta             # (B, 1, T, d)
-        delta = self.delta.float().clamp(-2 * math.pi, 0.0)[None, :, None, :]          # (1, Hkv, 1, d)
+        angles = positions.to(torch.float32)[:, None, :, None] * theta                 # (B, 1, T, d)
+        delta = delta.float().clamp(-2 * math.pi, 0.0)[None, :, None, :]               # (1, Hkv, 1, d)
         k_angles = angles + delta
         q = self._polar(q, angles.cos(), angles.sin())
         k = self._polar(k, k_angles.cos(), k_angles.sin())
