@@ -257,17 +257,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         conf.setdefault("train_micro_batch_size_per_gpu", t.micro_batch)
         conf.setdefault("gradient_accumulation_steps", t.grad_accum)
         conf.pop("train_batch_size", None)  # derived from the two above and the world size
-        return deep_merge(conf, ds.overrides)
+        return sequence_parallel_reduction(deep_merge(conf, ds.overrides), t.sequence_parallel)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1 and ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if ds.zero_stage == 3 and t.sequence_parallel > 1:
-        # ZeRO-3's reduce-scatter path averages gradients over every rank, sequence-parallel ones
-        # included (DeepSpeed 0.19.8 `__avg_scatter_grads`; deepspeedai/DeepSpeed#6841), so they came
-        # out 1/N too small; its all-reduce path divides by the data-parallel ranks only.
-        zero["reduce_scatter"] = False
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -283,7 +278,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         conf["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":
         conf["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}
-    return deep_merge(conf, ds.overrides)
+    return sequence_parallel_reduction(deep_merge(conf, ds.overrides), t.sequence_parallel)
+
+
+def sequence_parallel_reduction(conf: dict[str, Any], n: int) -> dict[str, Any]:
+    """ZeRO-3 under sequence parallelism reduces gradients by all-reduce: its reduce-scatter path
+    averages them over every rank, the sequence-parallel ones included (DeepSpeed 0.19.8
+    `__avg_scatter_grads`; deepspeedai/DeepSpeed#6841), so they came out 1/N too small, while its
+    all-reduce path divides by the data-parallel ranks only (tests/test_sequence_parallel.py)."""
+    zero = conf.get("zero_optimization") or {}
+    if n > 1 and zero.get("stage") == 3:
+        conf["zero_optimization"] = {**zero, "reduce_scatter": False}
+    return conf
 
 
 def config_keys() -> list[tuple[str, str, str]]:
