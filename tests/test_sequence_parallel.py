@@ -4,10 +4,12 @@
 - one micro-batch: each rank holds half of every sequence (positions and document masks of the
   whole sequence), and the loss and every gradient, position parameters included, equal the
   unsharded model's, for rope, bifocal (with grouped-query attention) and pope (with packed
-  documents) under ZeRO 0, 2 and 3 (ZeRO-3's reduce-scatter averaged over every rank: half the
-  gradients);
-- `bifocal launch` trains with the losses of the 1-process run, is killed after a checkpoint,
-  resumes to the uninterrupted run's losses, and its checkpoint evaluates and exports as any other;
+  documents and GQA; rotated after the all-to-all, which moves d-wide q/k) under ZeRO 0, 2 and 3
+  (ZeRO-3's reduce-scatter averaged over every rank: half the gradients);
+- 2 sequence-parallel ranks train (gradient accumulation, activation checkpointing) with the
+  losses of the 1-process run; under `bifocal launch` a run killed after a checkpoint resumes to
+  the uninterrupted run's losses, and its checkpoint evaluates and exports as any other;
+- `bifocal launch -- bench --set train.sequence_parallel=2` times it;
 - configurations Ulysses cannot run are refused with one line.
 """
 
@@ -77,7 +79,8 @@ def test_loss_and_every_gradient_equal_the_unsharded_model(unsharded, tiny_confi
 # -- training through `bifocal launch`: the same losses, kill and resume, eval and export ------------
 
 RUN = ["model.position.scheme=pope", "deepspeed.zero_stage=2", "train.max_steps=16", "train.save_every=4",
-       "train.eval_every=8", "train.keep_last=4"]
+       "train.eval_every=8", "train.keep_last=4", "train.micro_batch=2", "train.grad_accum=2",
+       "train.activation_checkpointing=1"]
 SP2 = [*RUN, "train.sequence_parallel=2"]
 
 
@@ -87,7 +90,8 @@ def sets(values: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_config, tmp_path_factory):
-    """The same 16 steps by 1 process with the whole sequences and by 2 sequence-parallel ranks."""
+    """The same 16 steps (2 micro-batches of 2 accumulated, every block recomputed in the backward)
+    by 1 process with the whole sequences and by 2 sequence-parallel ranks."""
     cwd = tmp_path_factory.mktemp("sp-train")
     train(tiny_config, cwd, cwd / "one", *RUN, ranks=1)
     train(tiny_config, cwd, cwd / "sp", *SP2)
