@@ -76,6 +76,17 @@ def test_loss_and_every_gradient_equal_the_unsharded_model(unsharded, tiny_confi
         assert err < 1e-5, (name, err)
 
 
+def test_compiled_model_has_the_unsharded_gradients(unsharded, tiny_config, tmp_path):
+    """train.compile: torch.compile traces DeepSpeed's all-to-all (an autograd.Function) into the
+    graph; its backward must still carry the gradients (a traced collective can lose them)."""
+    ref = unsharded["rope"]
+    got = gradients(tiny_config, tmp_path, "sp", 2, "model.position.scheme=rope", "train.sequence_parallel=2",
+                    "train.compile=true")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    for name, want in ref["grads"].items():
+        assert float((got["grads"][name] - want).abs().max() / want.abs().max()) < 1e-5, name
+
+
 # -- training through `bifocal launch`: the same losses, kill and resume, eval and export ------------
 
 RUN = ["model.position.scheme=pope", "deepspeed.zero_stage=2", "train.max_steps=16", "train.save_every=4",
