@@ -279,6 +279,18 @@ def universal_checkpoint(path: Path, world: int) -> Path:
     return path.parent / "universal" / path.name
 
 
+def refuse_universal_sequence_parallel(run_dir: Path, path: Path) -> None:
+    """A ZeRO checkpoint of a sequence-parallel run resumes on its own rank count only: DeepSpeed
+    0.19.8 records its sequence-parallel degree as the tensor-parallel degree (parallel_state_sp's
+    model-parallel aliases), and its universal converter then looks for that many model-state files."""
+    saved = load_config(run_dir / "config.yaml").train.sequence_parallel
+    if saved > 1:
+        ranks = checkpoint.saved_world_size(path)
+        raise BifocalError(f"--resume: {path.name} of a train.sequence_parallel={saved} run under ZeRO resumes on its "
+                           f"{ranks} ranks only (DeepSpeed cannot convert it to a universal checkpoint); nothing was "
+                           f"written")
+
+
 def resume(state: TrainState, path: Path, changes: list[tuple[str, Any, Any]], optimizer: torch.optim.Optimizer,
            fresh: list[dict]) -> None:
     """Load engine, optimizer, schedule, RNG and the sampler position from a checkpoint; then put
@@ -345,6 +357,7 @@ def setup(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, device: str) 
               f"{json.dumps(ds_config)}")
     if resume_from is not None and checkpoint.saved_world_size(resume_from[1]) != world and cfg.deepspeed.zero_stage:
         # ZeRO's partitions follow the rank count; ZeRO-0 keeps everything whole, loadable on any.
+        refuse_universal_sequence_parallel(run_dir, resume_from[1])
         resume_from = (resume_from[0], universal_checkpoint(resume_from[1], world))
         ds_config["checkpoint"] = {"load_universal": True}
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,20 @@ def test_training_losses_equal_one_process(runs):
            for run in (runs / "one", runs / "sp")]
     assert len(val[0]) == 2 and val[1] == pytest.approx(val[0], rel=1e-5)
     assert max_diff(consolidated(runs / "sp", 16), consolidated(runs / "one", 16)) < 1e-4
+
+
+def test_a_zero_checkpoint_resumes_on_its_own_rank_count_only(runs):
+    """DeepSpeed records the sequence-parallel degree of a checkpoint as its tensor-parallel degree,
+    and its universal converter then fails ("model-state file count 1 does not match pp_degree=1 *
+    tp_degree=2"): resuming the 2-rank ZeRO-2 run on 1 rank is refused with one line, before any write."""
+    run_dir = runs / "one-rank"
+    shutil.copytree(runs / "sp", run_dir)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    proc = run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", "train.sequence_parallel=1"], runs,
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "train.sequence_parallel=2 run under ZeRO resumes on its 2 ranks only" in proc.stderr
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
 def test_killed_and_resumed_through_bifocal_launch_equals_the_uninterrupted_run(runs, tiny_config):
