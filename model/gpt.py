@@ -246,11 +246,12 @@ class Decoder(nn.Module):
         0..T-1, continuing from the cache's length. `attention_mask` (B, cached+T), 0 at padding:
         padded keys are hidden (positions may count the padding: every scheme depends on m - n
         only, and padding sits outside each row's contiguous real tokens). `documents` (B, cached+T):
-        a document index per token; attention stays within a document. Under sequence parallelism
-        (set_sequence_parallel) every tensor is this rank's (B, T/N) shard and positions default to
-        the shard's offset onward. `hidden_states`, given,
+        a document index per token; attention stays within a document. `hidden_states`, given,
         receives the input of every block and the final normed state (n_layer + 1 tensors, as
-        transformers' output_hidden_states); `attentions` every layer's probabilities."""
+        transformers' output_hidden_states); `attentions` every layer's probabilities. Under
+        sequence parallelism (set_sequence_parallel) every tensor is this rank's (B, T/N) shard,
+        positions default to the shard's offset onward, and cache, padding mask, hidden states and
+        attentions are refused (ValueError)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         past = cache.length if cache is not None else 0
