@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +33,27 @@ def extensions_dir() -> Path:
     return Path.home() / ".cache" / "bifocal" / "torch_extensions" / f"deepspeed-{version('deepspeed')}-torch-{torch.__version__}"
 
 
+STALE_BUILD_S = 600  # a JIT build of DeepSpeed's op takes about a minute on 2 cores
+
+
+def clear_stale_build_locks(root: Path) -> list[Path]:
+    """Remove the build locks under `root` older than STALE_BUILD_S; returns them.
+
+    torch.utils.cpp_extension guards each just-in-time build (and each load's up-to-date check)
+    with a `lock` file (torch.utils.file_baton.FileBaton) that a process killed meanwhile leaves
+    behind; every later run then waits for it forever, silently (a CI lane hung this way). A lock
+    older than any build is one nobody holds."""
+    removed = []
+    for lock in root.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_S:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # another rank removed it, or its build finished
+            pass
+    return removed
+
+
 def setup_environment(threads: int | None = None) -> None:
     """Take the ranks from Slurm under `srun`, else make a lone process look like rank 0 of 1
     (else DeepSpeed reaches for MPI); cache the compiled shared-memory op in a fixed place (else
@@ -41,6 +63,8 @@ def setup_environment(threads: int | None = None) -> None:
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.update(slurm.rank_environment(os.environ) or lone)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    for lock in clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"])):
+        log.warning(f"removed {lock}: a build lock left by a killed process (every run would wait on it)")
     if not torch.cuda.is_available():
         # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))

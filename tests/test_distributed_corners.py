@@ -330,3 +330,28 @@ def test_deepspeed_shared_memory_is_released(tiny_config, tmp_path):
     for rank, (_, out) in enumerate(results):
         assert f"[rank{rank}]: bifocal: debug: released DeepSpeed's shared-memory buffer" in out, out[-3000:]
     assert set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) <= before
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tiny_config, tmp_path):
+    """A process killed while torch held its JIT build lock left `lock` behind, and every later run
+    waited on it forever (a CI lane hung). One older than any build is removed, with a warning;
+    a young one (a build under way elsewhere) is left to torch."""
+    import os
+
+    from bifocal.run.distributed import STALE_BUILD_S, clear_stale_build_locks, extensions_dir
+
+    ops = tmp_path / "ops"
+    built = extensions_dir() / "deepspeed_shm_comm"
+    shutil.copytree(built, ops / "deepspeed_shm_comm") if built.is_dir() else (ops / "deepspeed_shm_comm").mkdir(parents=True)
+    lock = ops / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    assert clear_stale_build_locks(ops) == [] and lock.exists()  # just taken: a build may be running
+    old = time.time() - STALE_BUILD_S - 60
+    os.utime(lock, (old, old))
+    env = {**cli_env(), "TORCH_EXTENSIONS_DIR": str(ops)}
+    proc = subprocess.run([sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config),
+                           "--run-dir", str(tmp_path / "run"), "--set", "model.n_layer=1", "train.max_steps=1",
+                           "train.eval_every=0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"bifocal: warning: removed {lock}: a build lock left by a killed process" in proc.stderr
+    assert not lock.exists()
