@@ -383,7 +383,8 @@ def parse_lengths(text: str) -> list[int]:
 
 def apply_scaling(model: GPT, variant: str | None, factor: float | None, lengths: list[int]) -> float:
     """Set training-free RoPE scaling on the model's fixed-frequency heads; returns the factor
-    (default: the longest length over the training length, at least 1)."""
+    (default: the longest length over the training length, at least 1). No variant: the model as
+    trained (a scaling it was fine-tuned with stays; GPT.set_rope_scaling)."""
     if not variant:
         model.set_rope_scaling(None)
         return 1.0

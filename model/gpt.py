@@ -226,6 +226,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.trained_rope_scaling = cfg.position.rope_scaling  # the scaling it is built (trained) with
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -362,10 +363,12 @@ class GPT(Decoder):
         return param_groups(self, weight_decay, mult)
 
     def set_rope_scaling(self, scaling: RopeScaling | dict | None) -> None:
-        """Switch training-free RoPE scaling for the fixed-frequency heads; no retraining."""
+        """Switch training-free RoPE scaling for the fixed-frequency heads; no retraining. None puts
+        back the scaling the model was built with: none, or the one a context extension trained
+        with (`bifocal train --init-from` with model.position.rope_scaling)."""
         if isinstance(scaling, dict):
             scaling = RopeScaling(**scaling)
-        self.cfg.position.rope_scaling = scaling
+        self.cfg.position.rope_scaling = scaling if scaling is not None else self.trained_rope_scaling
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

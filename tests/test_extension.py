@@ -54,6 +54,17 @@ def test_extension_starts_from_the_parents_weights_with_a_fresh_optimizer(tiny_c
     assert steps == {1}, steps
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
+    # Evaluation keeps the scaling the run was fine-tuned with; a training-free one replaces it for a while.
+    from bifocal.eval.perplexity import apply_scaling
+    from bifocal.run.checkpoint import load_run_model
+
+    model, _ = load_run_model(run)
+    assert model.cfg.position.rope_scaling.type == "yarn"
+    assert apply_scaling(model, None, None, [128]) == 1.0 and model.cfg.position.rope_scaling.type == "yarn"
+    apply_scaling(model, "pi", 2.0, [128])
+    assert model.cfg.position.rope_scaling.type == "pi"
+    apply_scaling(model, None, None, [128])
+    assert model.cfg.position.rope_scaling.type == "yarn" and model.cfg.position.rope_scaling.factor == 2
     # The extended run resumes from its own checkpoint (not from the parent again).
     proc = run_cli(["train", "--run-dir", str(run), "--resume", "--set", "train.max_steps=2"], tmp_path)
     assert "initialised from" not in proc.stderr and "resumed from" in proc.stderr
