@@ -3,6 +3,7 @@ evaluate each at 1x-16x its training length (RoPE also under training-free scali
 
 A study YAML (configs/study/*.yaml) holds:
 
+    include: cpu.yaml     # optional: another study file (relative to this one), this file's keys over it
     base:                 # a run config: `include:` (relative to the study file) and/or sections
     schemes: [rope, bifocal, spectral, pope]
     seeds: 3              # N (train.seed, +1, ... +N-1) or a list of seeds; --seeds N overrides
@@ -135,6 +136,8 @@ class StudyFile:
     """What each trained run is evaluated on."""
     analysis: dict[str, Any] | None = None
     """Fixed before the run: the endpoints and comparisons the report tests (eval/significance.py)."""
+    extension: dict[str, Any] | None = None
+    """`bifocal study extension`: extend each base run to a longer context (eval/study_extension.py)."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.schemes if s not in SCHEMES]
@@ -153,6 +156,7 @@ class Study:
     seeds: list[int] = field(default_factory=list)  # empty: the base config's train.seed, one run
     label: str | None = None  # tags result rows `scheme[label]`
     analysis: Analysis | None = None  # endpoints and comparisons declared before the run
+    extension: dict[str, Any] | None = None  # the extension study's section (eval/study_extension.py)
 
     def model_name(self, scheme: str) -> str:
         return f"{scheme}[{self.label}]" if self.label else scheme
@@ -220,6 +224,14 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     (run-config keys go to `base`), `--schemes`, `--seeds` and `--label` applied."""
     path = _preset_path(preset)
     raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
+    if "include" in raw:  # another study (relative to this file), its keys under this file's
+        parent = path.parent / str(raw.pop("include"))
+        if not parent.is_file():
+            raise BifocalError(f"{path}: include: {parent} not found")
+        included = yaml_mapping(parent, "a study mapping")
+        # Its base's paths are read relative to itself, as when it runs alone.
+        included["base"] = _base_config(included.get("base") or {}, parent)
+        raw = deep_merge(included, raw)
     sets = []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
@@ -239,7 +251,8 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     base = _base_config(declared.base, path)
     study = Study(path=path, base=base, schemes=declared.schemes, overrides=declared.overrides, eval=declared.eval,
                   seeds=_seed_list(seeds if seeds is not None else declared.seeds, base,
-                                   "--seeds" if seeds is not None else str(path)), label=declared.label)
+                                   "--seeds" if seeds is not None else str(path)), label=declared.label,
+                  extension=declared.extension)
     train_len = (study.base.get("model") or {}).get("max_seq_len")
     if isinstance(train_len, int):
         study_lengths(study.eval.length_multiples, train_len, str(path))

@@ -137,6 +137,17 @@ def _study(sub: argparse._SubParsersAction) -> None:
                     help="tag result rows scheme[LABEL] (ablations reported beside the main study)")
     ex.set_defaults(handler="bifocal.eval.study:main")
 
+    ext = ssub.add_parser("extension", help="extend each scheme's runs to a longer context (RoPE also with PI and "
+                          "YaRN fine-tuning), evaluate L/4-32L, report")
+    ext.add_argument("--preset", default="cpu-extension", help="cpu-extension | gpu-125m-extension | path to a "
+                     "study YAML with an extension: section")
+    ext.add_argument("--out", default="runs/study-extension", help="study directory (a base study's directory "
+                     "reuses its runs)")
+    _add_set(ext, "the study's base run config")
+    ext.add_argument("--schemes", default=None, help="comma-separated subset of schemes")
+    ext.add_argument("--seeds", type=int, default=None, help="every scheme with N seeds; report mean ± std")
+    ext.set_defaults(handler="bifocal.eval.study_extension:main")
+
     tks = ssub.add_parser("tasks", help="train the schemes on an algorithmic task, evaluate in/out of distribution")
     tks.add_argument("--task", required=True, choices=list(SYNTHETIC_TASKS))
     tks.add_argument("--schemes", default=None, help=f"comma-separated, of {', '.join(SCHEMES)} (default: all but nope)")
