@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> Path:
     device = dist.resolve_device(cfg.train.device)
     with dist.process_group(device):
         lock = lock_run_dir(run_dir)
+        state = None
         try:
             state = setup(args, cfg, run_dir, device)
             val_loss = train(state)
@@ -239,6 +240,10 @@ def run(args: argparse.Namespace) -> Path:
                 finish(run_dir, state.step, val_loss, cfg.model.max_seq_len)
         finally:
             lock.release()
+            # The engine and the process groups it holds (sequence-parallel ones included) go
+            # before the process group is destroyed, not at interpreter exit, where a group torn
+            # down late can abort a finished rank ("terminate called without an active exception").
+            del state
     return run_dir
 
 

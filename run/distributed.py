@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -121,6 +122,7 @@ def shutdown() -> None:
     called without an active exception", exit 250 through the launcher) after a finished run."""
     global _sequence_parallel
     _sequence_parallel = None  # DeepSpeed releases its groups with the process group
+    gc.collect()  # what still holds a group (an engine in a reference cycle) goes while the groups live
     if torch.distributed.is_initialized():
         import deepspeed.comm
 
