@@ -155,6 +155,12 @@ def _write_or_fail(write, run_dir: str | Path, path: Path, what: str) -> None:
         reason = _unwritable(path) or f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0][:200]}"
     if dist.rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
+        if not (Path(run_dir) / "config.yaml").exists():  # the run directory vanished mid-save: leave
+            for folder in (path.parent, Path(run_dir)):     # none of the (empty) folders the save made
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
     dist.barrier()
     try:
         free = f"; {shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free:,} bytes free there"

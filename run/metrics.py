@@ -231,7 +231,9 @@ class MetricsLogger:
         error) drops a failing one without a warning."""
         if self.tb is not None:
             with self._guard("tb", "TensorBoard events", quiet):
-                if self.config:  # the run's hyperparameters against its final numbers (HPARAMS tab)
+                # The run's hyperparameters against its final numbers (HPARAMS tab); not where the
+                # run directory vanished (add_hparams opens a new writer, which would recreate it).
+                if self.config and Path(self.tb.log_dir).is_dir():
                     final = {f"hparam/{k.split('/')[-1]}": v for k, v in self.last.items()
                              if k.endswith(("/loss", "/val_loss", "/val_ppl"))}
                     self.tb.add_hparams(flat_hparams(self.config), final, run_name=".")

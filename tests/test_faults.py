@@ -514,7 +514,7 @@ def test_full_disk_mid_run_is_one_line_removes_the_partial_checkpoint_and_resume
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
 
 
-def _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir):
+def _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir, save_every: int = 2):
     import subprocess
     import sys
     import time
@@ -523,13 +523,13 @@ def _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir):
 
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config),
-                             "--run-dir", str(run_dir), "--set", "train.max_steps=100000", "train.save_every=2",
+                             "--run-dir", str(run_dir), "--set", "train.max_steps=100000", f"train.save_every={save_every}",
                              "train.eval_every=0"], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=open(log, "w"))
     deadline = time.time() + 240
     while not (run_dir / "checkpoints").is_dir() or not checkpoint_steps(run_dir):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.1)
+        time.sleep(0.02)
     return proc, log
 
 
@@ -542,7 +542,9 @@ def test_run_directory_turning_read_only_or_vanishing_mid_run_is_one_line(tiny_c
 
     fs = small_fs(256 << 20) if fault == "read_only" else tmp_path
     run_dir = fs / "run"
-    proc, log = _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir)
+    # The fault lands just after a checkpoint completed, 40 training steps before the next save
+    # starts: the next save meets it when it creates its directory, not halfway through its files.
+    proc, log = _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir, save_every=40)
     try:
         newest = checkpoint_steps(run_dir)[-1]
         if fault == "read_only":
