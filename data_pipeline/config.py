@@ -14,8 +14,9 @@ from bifocal import data as bundled_data
 from bifocal.core.config import SETTINGS, check
 from bifocal.core.errors import BifocalError
 
+from .synthetic import TASKS as SYNTHETIC_TASKS  # noqa: F401  (re-exported: the one task list)
+
 TOKENIZER_TYPES = ("bpe", "sentencepiece_unigram", "sentencepiece_bpe")
-SYNTHETIC_TASKS = ("dyck", "modular", "rotation")
 # datasets' file-format builders: `hf_dataset: parquet` etc. read `data_files`, never a repository.
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "xml")
 # Source names become shard file names, so keep them to a portable character set.

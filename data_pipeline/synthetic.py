@@ -1,4 +1,4 @@
-"""Algorithmic tasks as plain text: Dyck-3, modular sum/product, cyclic rotation.
+"""Algorithmic tasks as plain text: Dyck-3, modular sum/product, cyclic rotation, counting mod p.
 
 Every instance is one line, ``<prompt> = <answer>\\n``, with symbols separated by spaces so any
 tokenizer splits them the same way. Training documents are several lines concatenated, so they
@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-TASKS = ("dyck", "modular", "rotation")
+TASKS = ("dyck", "modular", "rotation", "count")
 
 OPEN = "([{"
 CLOSE = ")]}"
@@ -32,6 +32,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dyck": {"mode": "complete", "min_len": 4, "max_len": 16, "max_depth": 4, "min_depth": 1},
     "modular": {"p": 7, "op": "sum", "min_len": 4, "max_len": 16},
     "rotation": {"alphabet_size": 8, "min_len": 4, "max_len": 16, "shift": None},
+    "count": {"p": 5, "alphabet_size": 26, "min_len": 1, "max_len": 16},
 }
 DYCK_MODES = ("complete", "validity")
 MODULAR_OPS = ("sum", "product")
@@ -81,9 +82,11 @@ def _resolve_params(task: str, params: dict) -> dict:
         _int_param(out, "p", 2)
         if out["op"] not in MODULAR_OPS:
             raise ValueError(f"op must be one of {MODULAR_OPS}, got {out['op']!r}")
-    if task == "rotation":
+    if task == "count":
+        _int_param(out, "p", 2)
+    if task in ("rotation", "count"):
         _int_param(out, "alphabet_size", 2, len(ALPHABET))
-        if out["shift"] is not None:
+        if out.get("shift") is not None:
             _int_param(out, "shift", 0)
     if task == "dyck":
         _int_param(out, "max_depth", 1)
@@ -237,7 +240,23 @@ def _make_rotation(rng: random.Random, p: dict) -> Example:
     return Example(f"rot {k}: {' '.join(symbols)} =", " " + " ".join(_rotate(symbols, k)), meta)
 
 
-_MAKERS = {"dyck": _make_dyck, "modular": _make_modular, "rotation": _make_rotation}
+# ---------------------------------------------------------------------------------------------
+# Counting mod p: the answer is the number of symbols after the colon, mod p. It depends only on
+# where "=" sits relative to ":" (their distance mod p), not on which symbols stand between, so it
+# is periodic in relative position with period p: a head rotating at k*2*pi/p (k = 1..p-1) sees the
+# same phase at every distance with the same residue, and would count beyond any trained length.
+# Random letters keep a tokenizer from merging runs of one symbol into fewer tokens.
+
+
+def _make_count(rng: random.Random, p: dict) -> Example:
+    mod = p["p"]
+    length = rng.randint(p["min_len"], p["max_len"])
+    symbols = [ALPHABET[rng.randrange(p["alphabet_size"])] for _ in range(length)]
+    meta = {"task": "count", "p": mod, "length": length}
+    return Example(f"count mod {mod}: {' '.join(symbols)} =", f" {length % mod}", meta)
+
+
+_MAKERS = {"dyck": _make_dyck, "modular": _make_modular, "rotation": _make_rotation, "count": _make_count}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +355,11 @@ def solve(task: str, prompt: str) -> str:
                 or not tokens:
             raise ValueError(f"not a rotation prompt: {prompt!r}")
         return " " + " ".join(_rotate(tokens, int(head_words[1])))
+    if task == "count":
+        if len(head_words) != 3 or head_words[:2] != ["count", "mod"] or not head_words[2].isdigit() \
+                or int(head_words[2]) < 1 or not tokens:
+            raise ValueError(f"not a count prompt: {prompt!r}")
+        return f" {len(tokens) % int(head_words[2])}"
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 

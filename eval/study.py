@@ -218,20 +218,30 @@ def _base_config(base: Any, study_path: Path) -> dict:
         raise BifocalError(f"{study_path}: base.include: {exc}") from None
 
 
+def _study_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A study YAML with its `include:` applied: another study (relative to this file, itself
+    possibly including one), whose keys this file's override."""
+    raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
+    if "include" in raw:
+        parent = path.parent / str(raw.pop("include"))
+        if not parent.is_file():
+            raise BifocalError(f"{path}: include: {parent} not found")
+        chain = (*chain, path.resolve())
+        if parent.resolve() in chain:
+            raise BifocalError(f"include cycle: {' -> '.join(p.name for p in (*chain, parent))}")
+        included = _study_mapping(parent, chain)
+        # Its base's paths are read relative to itself, as when it runs alone.
+        included["base"] = _base_config(included.get("base") or {}, parent)
+        raw = deep_merge(included, raw)
+    return raw
+
+
 def load_study(preset: str, overrides: list[str] | None = None, schemes: str | None = None,
                seeds: int | None = None, label: str | None = None) -> Study:
     """Read and validate a study (a preset name or a YAML path) against `StudyFile`, with `--set`
     (run-config keys go to `base`), `--schemes`, `--seeds` and `--label` applied."""
     path = _preset_path(preset)
-    raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
-    if "include" in raw:  # another study (relative to this file), its keys under this file's
-        parent = path.parent / str(raw.pop("include"))
-        if not parent.is_file():
-            raise BifocalError(f"{path}: include: {parent} not found")
-        included = yaml_mapping(parent, "a study mapping")
-        # Its base's paths are read relative to itself, as when it runs alone.
-        included["base"] = _base_config(included.get("base") or {}, parent)
-        raw = deep_merge(included, raw)
+    raw = _study_mapping(path)
     sets = []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
@@ -287,10 +297,11 @@ def _check_analysis(study: Study, where: str) -> None:
                                    f"all in eval.length_multiples {study.eval.length_multiples}")
     # Against the labels of every scheme, so `--schemes rope,pope` runs a subset (the report lists the
     # comparisons it could not make) while a misspelt label is refused before anything is trained.
+    # A `[tag]` (a --label'd ablation, reported beside the study) names the same scheme and variant.
     labels = study.labels(list(SCHEMES))
     for pair in a.comparisons or []:
         for name in pair:
-            if name not in labels:
+            if re.sub(r"\[[A-Za-z0-9_.=,-]+\]", "", name) not in labels:
                 raise BifocalError(f"{where}: analysis comparison {list(pair)}: {name!r} is not a label this study "
                                    f"can produce (e.g. {', '.join(study.labels())})")
 
@@ -340,10 +351,41 @@ def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, 
         raise BifocalError(f"{study.path}: scheme {scheme}: {exc}") from None
     if cfg.model.position.scheme != scheme:
         raise BifocalError(f"{study.path}: overrides.{scheme} must set model.position.scheme: {scheme}")
+    cfg_path = write_run_config(out, name, raw)
+    return train_run(cfg_path, out, name, cfg.train.max_steps)
+
+
+# Settings that change how fast a run trains, not what it learns: a run trained with other values
+# is still the same run (e.g. the halves of a study run side by side with one thread each).
+NOT_IDENTITY = ("train.threads",)
+
+
+def _leaves(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {prefix: raw}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
+def write_run_config(out: Path, name: str, raw: dict) -> Path:
+    """Write the run config of OUT/runs/<name> to OUT/configs/<name>.yaml and return its path.
+
+    Raises BifocalError when OUT/runs/<name> exists and was started from a config that differs in
+    anything but NOT_IDENTITY: reusing it would report another experiment under this one's name
+    (e.g. an ablation's `--set data.positions=reset` pointed at the main study's OUT)."""
     cfg_path = out / "configs" / f"{name}.yaml"
+    if (out / "runs" / name).exists() and cfg_path.is_file():
+        old, new = _leaves(yaml.safe_load(cfg_path.read_text()) or {}), _leaves(raw)
+        diff = [f"{k}: {old.get(k, '(unset)')!r} there, {new.get(k, '(unset)')!r} now"
+                for k in sorted(set(old) | set(new)) if k not in NOT_IDENTITY and old.get(k) != new.get(k)]
+        if diff:
+            raise BifocalError(f"{out / 'runs' / name} was trained with other settings ({'; '.join(diff[:3])}"
+                               f"{'; ...' if len(diff) > 3 else ''}); use another --out, or remove that run")
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return train_run(cfg_path, out, name, cfg.train.max_steps)
+    return cfg_path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ gets `factor: multiple` and `original_max_len: L` unless it says otherwise (PI a
 fine-tuning as in the YaRN paper, arXiv 2309.00071 section 4). Every model, base and extended, is
 evaluated at the same token lengths: the study's eval.length_multiples of L (e.g. L/4 .. 32L), with
 the training-free scalings on the base models only. Result rows read `rope` (base), `rope[ext]`,
-`rope[pi]`, ...; one report and plot (OUT/report.md, OUT/extrapolation.png) with mean ± std over
-seeds, as the extrapolation study's. Runs: OUT/runs/<arm>-<run>.
+`rope[pi]`, ...; one report and plot with mean ± std over seeds, as the extrapolation study's.
+Runs: OUT/runs/<run> (base) and OUT/runs/<arm>-<run>; results, report and plot: OUT/extension/, so
+an extrapolation study's OUT can host the extension without either overwriting the other's results
+(they score other lengths).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from bifocal.core import logs
 from bifocal.core.config import SETTINGS, check, deep_merge, nest
@@ -39,7 +40,7 @@ from bifocal.core.errors import BifocalError
 from bifocal.core.settings import build
 from bifocal.model.schemes import SCHEMES
 
-from .study import Study, evaluate_scheme, load_study, train_run, train_scheme
+from .study import Study, evaluate_scheme, load_study, train_run, train_scheme, write_run_config
 
 log = logs.get_logger(__name__)
 PLAIN = "ext"  # the arm every scheme is extended by: no change but the length and the budget
@@ -121,11 +122,12 @@ def run_extension(study: Study, ext: ExtensionSettings, out: str | Path) -> dict
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    report_dir = out / "extension"
     t0 = time.perf_counter()
     results: list[Path] = []
     for scheme, seed, name in study.runs():
         run_dir = train_scheme(study, scheme, out, seed, name)
-        results += evaluate_scheme(study, scheme, run_dir, out, seed, name)
+        results += evaluate_scheme(study, scheme, run_dir, report_dir, seed, name)
     # The extended models are scored at the same token lengths: multiples of their own length / multiple.
     ext_eval = dataclasses.replace(study.eval, scaling_schemes=[],
                                    length_multiples=[m / ext.multiple for m in study.eval.length_multiples])
@@ -134,14 +136,12 @@ def run_extension(study: Study, ext: ExtensionSettings, out: str | Path) -> dict
         for _, seed, name in [r for r in study.runs() if r[0] == scheme]:
             ext_name = f"{arm}-{name}"
             raw, steps = extension_config(study, ext, scheme, seed, sets, out / "runs" / name, ext_name)
-            cfg_path = out / "configs" / f"{ext_name}.yaml"
-            cfg_path.parent.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            cfg_path = write_run_config(out, ext_name, raw)
             run_dir = train_run(cfg_path, out, ext_name, steps)
-            results += evaluate_scheme(arm_study, scheme, run_dir, out, seed, ext_name)
-    paths = write_report([load(p) for p in results], out, None)
+            results += evaluate_scheme(arm_study, scheme, run_dir, report_dir, seed, ext_name)
+    paths = write_report([load(p) for p in results], report_dir, None)
     elapsed = time.perf_counter() - t0
-    (out / "study.json").write_text(json.dumps({"preset": str(study.path), "kind": "extension",
+    (report_dir / "study.json").write_text(json.dumps({"preset": str(study.path), "kind": "extension",
                                                 "schemes": study.schemes, "seeds": study.seeds,
                                                 "extension": dataclasses.asdict(ext), "wall_s": round(elapsed, 1)},
                                                indent=1) + "\n")

@@ -52,14 +52,49 @@ def train_scheme(task: str, scheme: str, out: Path, steps: int | None, overrides
 
 
 def modulus_of(task: str, overrides: list[str]) -> int | None:
-    if task != "modular":
+    """The task's modulus p (modular, count), whose k*2*pi/p the spectral heads are measured
+    against; None for tasks without one."""
+    from bifocal.data_pipeline.synthetic import DEFAULTS
+
+    if "p" not in DEFAULTS[task]:
         return None
     from bifocal.run.config import load_config
 
     src = load_config(task_config(task), overrides).data.sources[0].synthetic or {}
-    from bifocal.data_pipeline.synthetic import DEFAULTS
+    return int(src.get("p", DEFAULTS[task]["p"]))
 
-    return int(src.get("p", DEFAULTS["modular"]["p"]))
+
+NULL_MODULI = range(3, 9)  # the task's p and moduli it never used, as the null for a lock-on
+NEAR = 0.05  # rad/token: "within" a target
+
+
+def null_section(spectra: dict[str, dict], p: int) -> str:
+    """Markdown: is k*2*pi/p special to the learned frequencies? For each modulus q in NULL_MODULI
+    (the task's p and, as a null, moduli the task never used), over all spectral heads of all runs:
+    the median circular distance from a head's closest frequency pair to the nearest k*2*pi/q
+    (k = 1..q-1), the heads within NEAR, and the heads closer than at the RoPE initialisation.
+    A lock-on shows as p standing out from its neighbours; more targets (larger q) cover more of
+    the circle, so the null rises with q by itself."""
+    import statistics
+
+    import numpy as np
+
+    from .spectrum import nearest_to_modulus
+
+    heads = [h for result in spectra.values() for h in result.get("spectral_heads") or []]
+    if not heads:
+        return ""
+    lines = [f"## Is 2pi/{p} special? The task's modulus against moduli it never used", "",
+             f"{len(heads)} spectral heads of {len(spectra)} runs.", "",
+             "| modulus q | targets k*2pi/q | median distance | heads within 0.05 | closer than at init | median init distance |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for q in sorted({*NULL_MODULI, p}):
+        d = [nearest_to_modulus(np.asarray(h["omega"]), q)["distance"] for h in heads]
+        d0 = [nearest_to_modulus(np.asarray(h["theta"]), q)["distance"] for h in heads]
+        lines.append(f"| {q}{' (the task)' if q == p else ''} | {q - 1} | {statistics.median(d):.3f} | "
+                     f"{sum(x < NEAR for x in d)} of {len(d)} | {sum(a < b for a, b in zip(d, d0))} of {len(d)} | "
+                     f"{statistics.median(d0):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def frequency_section(out: Path, spectra: dict[str, dict]) -> str:
@@ -125,6 +160,8 @@ def run_study(task: str, schemes: list[str], out: Path, steps: int | None, n: in
             spectra[name], _ = spectrum.run(run_dir, out=out / "spectrum" / name, modulus=p)
     paths = write_report(results, out)
     section = frequency_section(out, spectra)
+    if p is not None:
+        section += ("\n" if section else "") + null_section(spectra, p)
     if section:
         with paths["markdown"].open("a") as f:
             f.write("\n" + section)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 
 from bifocal.eval.results import load
 from bifocal.eval.study import evaluations, load_study, study_lengths
@@ -118,3 +119,28 @@ def test_seeded_study_trains_each_seed_and_reports_the_spread(tmp_path):
     assert early.extra["settings"]["step"] == 3 and early.rows[0]["ppl"] != results[0].rows[0]["ppl"]
     assert early.model == "rope[step3]" and early.scheme == "rope"  # --label tags the rows
     assert (out / "step3" / "report.md").is_file()
+
+
+def test_a_run_trained_with_other_settings_is_refused_not_reused(tmp_path):
+    """A study pointed at an OUT whose run of the same name was trained from another config (an
+    ablation's --set aimed at the main study's directory) stops with one line instead of reporting
+    that run under the new settings; a speed-only setting (train.threads) is not a difference."""
+    from bifocal.eval.study import write_run_config
+
+    raw = {"model": {"position": {"scheme": "rope"}}, "data": {"positions": "continue"}, "train": {"seed": 1}}
+    write_run_config(tmp_path, "rope-s1", raw)
+    (tmp_path / "runs" / "rope-s1").mkdir(parents=True)
+    write_run_config(tmp_path, "rope-s1", {**raw, "train": {"seed": 1, "threads": 1}})  # same run
+    with pytest.raises(BifocalError, match=r"rope-s1 was trained with other settings \(data.positions: 'continue' there, "
+                                           r"'reset' now\)"):
+        write_run_config(tmp_path, "rope-s1", {**raw, "data": {"positions": "reset"}})
+    assert yaml.safe_load((tmp_path / "configs" / "rope-s1.yaml").read_text())["data"]["positions"] == "continue"
+
+
+def test_comparisons_may_name_labelled_ablations_but_not_misspelt_schemes(tmp_path):
+    study = load_study("cpu-ablations")  # rows of --label'd ablation studies, compared in one report
+    assert ("bifocal[omega-only]", "bifocal") in study.analysis.comparisons
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"include: {study.path}\nanalysis:\n  comparisons: [['bifocl[omega-only]', bifocal]]\n")
+    with pytest.raises(BifocalError, match="'bifocl\\[omega-only\\]' is not a label this study can produce"):
+        load_study(str(bad))

@@ -25,7 +25,9 @@ def test_extension_study_extends_every_scheme_and_reports_all_at_the_same_length
     yarn = yaml.safe_load((out / "runs" / "yarn-rope" / "config.yaml").read_text())["model"]["position"]["rope_scaling"]
     assert yarn["type"] == "yarn" and yarn["factor"] == 2 and yarn["original_max_len"] == 32
     models = {}
-    for path in (out / "results").glob("*.json"):
+    assert not (out / "results").exists() and not (out / "report.md").exists()  # an extrapolation study's place
+    ext = out / "extension"
+    for path in (ext / "results").glob("*.json"):
         r = load(path)
         models[r.model + ("" if r.variant == "none" else f"+{r.variant}")] = r
         assert [row["length"] for row in r.rows] == [16, 32, 64, 128]  # every model at the same lengths
@@ -33,8 +35,8 @@ def test_extension_study_extends_every_scheme_and_reports_all_at_the_same_length
     assert models["rope[yarn]"].train_len == 64 and models["rope"].train_len == 32
     digests = {row["targets"] for r in models.values() for row in r.rows}
     assert len(digests) == 1  # the same scored tokens for every model and length
-    md = (out / "report.md").read_text()
-    assert "rope[yarn]" in md and "bifocal[ext]" in md and (out / "extrapolation.png").stat().st_size > 5000
+    md = (ext / "report.md").read_text()
+    assert "rope[yarn]" in md and "bifocal[ext]" in md and (ext / "extrapolation.png").stat().st_size > 5000
 
 
 def test_an_extension_study_needs_its_section_and_valid_arms(tmp_path):

@@ -165,6 +165,24 @@ def test_rotation_answer_and_corruption(seed, size, lo, span, shift, data):
     assert not syn.check_answer("rotation", ex.prompt, ex.answer + " a")
 
 
+@SETTINGS
+@given(seed=seeds, p=st.integers(2, 23), size=st.integers(2, 26), lo=st.integers(1, 40), span=st.integers(0, 40),
+       data=st.data())
+def test_count_answer_is_the_number_of_symbols_mod_p(seed, p, size, lo, span, data):
+    ex = syn.make_example("count", random.Random(seed), p=p, alphabet_size=size, min_len=lo, max_len=lo + span)
+    symbols = _symbols(ex.prompt)
+    assert ex.prompt.startswith(f"count mod {p}: ") and lo <= len(symbols) <= lo + span
+    assert set(symbols) <= set(syn.ALPHABET[:size]) and ex.meta == {"task": "count", "p": p, "length": len(symbols)}
+    assert ex.answer == f" {len(symbols) % p}" and syn.check_answer("count", ex.prompt, ex.answer)
+    wrong = data.draw(st.integers(0, 2 * p).filter(lambda w: w != len(symbols) % p))
+    assert not syn.check_answer("count", ex.prompt, f" {wrong}")
+
+
+def test_count_worked_example():
+    assert syn.check_answer("count", "count mod 3: q w e r t y u =", " 1")  # 7 symbols
+    assert not syn.check_answer("count", "count mod 3: q w e r t y u =", " 7")
+
+
 def test_rotation_worked_example():
     assert syn.check_answer("rotation", "rot 2: a b c d e =", " c d e a b")
     assert not syn.check_answer("rotation", "rot 2: a b c d e =", " d e a b c")
@@ -216,6 +234,9 @@ def test_eval_settings_separate_in_from_out(task):
     ("rotation", {"alphabet_size": 27}, "alphabet_size"),
     ("rotation", {"shift": -1}, "shift"),
     ("rotation", {"depth": 3}, "depth"),
+    ("count", {"p": 1}, "p"),
+    ("count", {"alphabet_size": 1}, "alphabet_size"),
+    ("count", {"shift": 1}, "shift"),
     ("sorting", {}, "task"),
 ])
 def test_bad_params_name_the_parameter(task, params, name):
@@ -234,6 +255,7 @@ def test_generate_documents_validates_per_doc():
     ("dyck", "dyck: ( ] ="), ("dyck", "dyck: ( )"), ("dyck", "dyck: ( ) ="),
     ("modular", "mod x sum: 1 2 ="), ("modular", "mod 7 sum: 1 a ="),
     ("rotation", "rot 1: ="), ("rotation", "dyck: ( ="),
+    ("count", "count mod 5: ="), ("count", "count 5: a ="), ("count", "mod 5 sum: 1 ="),
 ])
 def test_malformed_prompts_raise(task, prompt):
     with pytest.raises(ValueError):
@@ -257,6 +279,7 @@ PRESETS = {  # the training distributions of configs/tasks/*.yaml
     "dyck": {"min_len": 2, "max_len": 8, "max_depth": 3},
     "modular": {"p": 5, "min_len": 1, "max_len": 3},
     "rotation": {"alphabet_size": 26, "min_len": 3, "max_len": 6, "shift": 1},
+    "count": {"p": 5, "alphabet_size": 26, "min_len": 1, "max_len": 16},
 }
 
 
@@ -275,7 +298,7 @@ def test_training_documents_and_test_instances_are_disjoint(task):
             assert not train & {e.prompt for e in drawn}
     # The old draw (no side) of the training distribution: mostly prompts the documents hold.
     old = syn.generate_examples(task, 200, seed=1, **PRESETS[task])
-    assert sum(e.prompt in train for e in old) > (100 if task != "rotation" else 0)
+    assert sum(e.prompt in train for e in old) > (100 if task not in ("rotation", "count") else 0)
 
 
 def test_held_out_is_a_fixed_fifth_of_the_instances():

@@ -9,7 +9,7 @@ import torch
 
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.prepare import prepare
-from bifocal.data_pipeline.synthetic import HELD_OUT_FRACTION, eval_settings, generate_examples, side_of
+from bifocal.data_pipeline.synthetic import HELD_OUT_FRACTION, TASKS, eval_settings, generate_examples, side_of
 from bifocal.data_pipeline.tokenizer import load_tokenizer
 from bifocal.eval import results, tasks_eval
 from bifocal.eval.study_tasks import task_config
@@ -18,13 +18,12 @@ from bifocal.run.config import load_config
 from conftest import run_cli
 from tiny_models import export, prepared_task_data, random_model
 
-TASKS = ("dyck", "modular", "rotation")
 
 
 def _wrong(task: str, answer: str) -> str:
     sym = answer.split()
-    if task == "modular":
-        return f" {(int(sym[0]) + 1) % 7}"
+    if task in ("modular", "count"):
+        return f" {(int(sym[0]) + 1) % 5}"  # both draw p = 5 here (count's default; modular's is 7)
     if task == "dyck":
         return " " + " ".join(sym + [")"])  # one closer too many
     return " " + " ".join(sym[1:] + sym[:1])  # rotated once more (may equal the answer: then skipped)
@@ -114,7 +113,7 @@ def test_prepared_preset_documents_hold_no_evaluation_prompt(task, tmp_path):
             assert overlap == 0, (split, setting)
             assert len({ex.prompt for ex in drawn}) >= 20  # held-out instances exist, and enough differ
     old = generate_examples(task, 100, seed=1, **params)  # what evaluation drew before
-    assert sum(ex.prompt in seen for ex in old) > (50 if task != "rotation" else 0)
+    assert sum(ex.prompt in seen for ex in old) > (50 if task not in ("rotation", "count") else 0)
 
 
 def test_a_held_out_prompt_in_the_training_data_is_an_error(modular):
@@ -143,6 +142,7 @@ def test_study_tasks_smoke_with_seeds(tmp_path):
     rows = [line for line in task_table.splitlines() if line.startswith("| bifocal")]
     assert len(rows) == 1 and rows[0].startswith("| bifocal | 2 |") and "±" in rows[0]
     assert "k*2pi/4" in report  # the bifocal runs' frequencies against 2*pi/p
+    assert "| 4 (the task) | 3 |" in report and "| 7 | 6 |" in report  # and against moduli never used
     # Held-out prompts are checked against the run's prepared documents: none found, while the
     # training-side control (84 instances, 1,200 training lines) finds its prompts there.
     assert "Held-out prompts found in the training data: 0 of 32 (8 of 8 cells checked)" in report
