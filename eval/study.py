@@ -298,10 +298,11 @@ def _check_analysis(study: Study, where: str) -> None:
     # Against the labels of every scheme, so `--schemes rope,pope` runs a subset (the report lists the
     # comparisons it could not make) while a misspelt label is refused before anything is trained.
     # A `[tag]` (a --label'd ablation, reported beside the study) names the same scheme and variant.
-    labels = study.labels(list(SCHEMES))
+    untag = lambda name: re.sub(r"\[[A-Za-z0-9_.=,-]+\]", "", name)  # noqa: E731
+    labels = {untag(name) for name in study.labels(list(SCHEMES))}
     for pair in a.comparisons or []:
         for name in pair:
-            if re.sub(r"\[[A-Za-z0-9_.=,-]+\]", "", name) not in labels:
+            if untag(name) not in labels:
                 raise BifocalError(f"{where}: analysis comparison {list(pair)}: {name!r} is not a label this study "
                                    f"can produce (e.g. {', '.join(study.labels())})")
 
