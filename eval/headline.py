@@ -4,6 +4,12 @@ over seeds of each seed's own ratio), in one protocol; and, when the study decla
 its endpoints with bootstrap intervals and its comparisons with Holm-adjusted p-values.
 
     python -m bifocal.eval.headline docs/study-cpu/report.json [--labels rope,rope+yarn(x16),...] [--protocol P]
+
+With several reports (one study per corpus, the same declared analysis), a section per corpus and
+then one table of every declared comparison side by side, with whether its verdict is the same on
+every corpus: a README sentence may only state what holds on every corpus it was measured on.
+
+    python -m bifocal.eval.headline docs/study-cpu/report.json docs/study-prose/report.json --names code,prose
 """
 
 from __future__ import annotations
@@ -102,21 +108,58 @@ def headline(report: dict[str, Any], labels: list[str] | tuple[str, ...] = DEFAU
     return table + ("\n" + tests if tests else "")
 
 
+def across_corpora(reports: dict[str, dict[str, Any]]) -> str:
+    """Markdown: every comparison any report declared, one column per corpus (ppl ratio A / B with
+    its interval and the Holm-adjusted verdict), and whether the verdict agrees on every corpus
+    ("—" where a corpus lacks the comparison)."""
+    names = list(reports)
+    found: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for name, report in reports.items():
+        for c in (report.get("analysis") or {}).get("comparisons") or []:
+            found.setdefault((c["endpoint"], c["a"], c["b"]), {})[name] = c
+    if not found:
+        return "No report declared an analysis: nothing was tested.\n"
+    out = ["| endpoint | A vs B | " + " | ".join(f"{n}: ratio [CI], verdict" for n in names) + " | same on every corpus |",
+           "|---|---|" + "---|" * (len(names) + 1)]
+    for (endpoint, a, b), by in found.items():
+        cells = [f"{by[n]['ratio']:.3f} [{by[n]['ratio_ci'][0]:.3f}, {by[n]['ratio_ci'][1]:.3f}], {by[n]['verdict']}"
+                 if n in by else "—" for n in names]
+        verdicts = {by[n]["verdict"] for n in names if n in by}
+        same = "yes" if len(by) == len(names) and len(verdicts) == 1 else "no"
+        out.append(f"| {endpoint} | {a} vs {b} | " + " | ".join(cells) + f" | {same} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("report", help="report.json written by `bifocal study extrapolation` or `bifocal eval report`")
+    p.add_argument("reports", nargs="+", metavar="report",
+                   help="report.json written by `bifocal study extrapolation` or `bifocal eval report` (one per corpus)")
+    p.add_argument("--names", default=None, help="comma-separated corpus names, one per report (default: each "
+                                                 "report's directory name)")
     p.add_argument("--labels", default=",".join(DEFAULT_LABELS), help="comma-separated row labels, in order")
     p.add_argument("--protocol", default=None, help="the protocol of the length table (default: the first "
                                                     "endpoint's, else the first in the report)")
     args = p.parse_args(argv)
-    try:
-        report = json.loads(Path(args.report).read_text())
-        report["ppl_summary"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"bifocal: error: {args.report}: no ppl_summary in a readable report.json ({exc})", file=sys.stderr)
+    names = [x.strip() for x in args.names.split(",")] if args.names else [Path(r).parent.name for r in args.reports]
+    if len(names) != len(args.reports) or len(set(names)) != len(names):
+        print(f"bifocal: error: --names: {len(args.reports)} distinct names needed, got {names}", file=sys.stderr)
         return 2
+    reports = {}
+    for name, path in zip(names, args.reports):
+        try:
+            report = json.loads(Path(path).read_text())
+            report["ppl_summary"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"bifocal: error: {path}: no ppl_summary in a readable report.json ({exc})", file=sys.stderr)
+            return 2
+        reports[name] = report
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    print(headline(report, labels, args.protocol), end="")
+    if len(reports) == 1:
+        print(headline(next(iter(reports.values())), labels, args.protocol), end="")
+        return 0
+    for name, report in reports.items():
+        print(f"#### {name}\n\n" + headline(report, labels, args.protocol))
+    print("#### Every declared comparison on every corpus\n\n" + across_corpora(reports), end="")
     return 0
 
 

@@ -110,6 +110,25 @@ def test_headline_table_from_report_json(tmp_path, capsys):
     assert main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_headline_across_corpora_says_where_a_verdict_holds_on_every_corpus(tmp_path, capsys):
+    from bifocal.eval.headline import main
+
+    code = write_report(RESULTS, tmp_path / "code", ANALYSIS)["json"]
+    report = json.loads(code.read_text())
+    first = report["analysis"]["comparisons"][0]
+    first["verdict"] = "no difference detected" if first["verdict"] != "no difference detected" else "lower"
+    prose = tmp_path / "prose" / "report.json"
+    prose.parent.mkdir()
+    prose.write_text(json.dumps(report))
+    assert main([str(code), str(prose), "--labels", "bifocal,rope"]) == 0
+    out = capsys.readouterr().out
+    assert "#### code\n" in out and "#### prose\n" in out  # a section per corpus, named by its directory
+    rows = [line for line in out.split("#### Every declared comparison")[1].splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(report["analysis"]["comparisons"])
+    assert rows[0].endswith("| no |") and all(r.endswith("| yes |") for r in rows[1:])
+    assert main([str(code), str(prose), "--names", "a,a"]) == 2
+
+
 def test_readme_headline_table_is_generated_from_the_committed_study():
     """The README's table must be what `python -m bifocal.eval.headline docs/study-cpu/report.json`
     prints today, so a re-run study cannot leave stale numbers in the README."""
