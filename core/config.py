@@ -27,13 +27,15 @@ SETTINGS = {"extra": "forbid", "use_attribute_docstrings": True}
 
 
 def check(cond: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise `key=value is invalid: allowed` unless `cond`; `from_dict` prefixes the section path."""
+    """Raise BifocalError `key=value is invalid: allowed` unless `cond`; `settings.build` prefixes
+    the section path."""
     if not cond:
         raise BifocalError(f"{key}={value!r} is invalid: {allowed}")
 
 
 def positive_ints(obj: Any, *keys: str) -> None:
-    """Check that each named field of `obj` is an int > 0 (bool is not an int here)."""
+    """Check that each named field of `obj` is an int > 0 (bool is not an int here); raises
+    BifocalError naming the first that is not."""
     for key in keys:
         value = getattr(obj, key)
         check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
@@ -50,7 +52,8 @@ def nearest(name: str, valid: list[str] | tuple[str, ...]) -> str:
 
 def check_key(key: str, path: str, valid: Iterable[str], removed: Mapping[str, str],
               kind: str = "config key") -> None:
-    """An unknown key names the nearest valid one; a removed key says what replaced it."""
+    """Raise BifocalError for a `key` (shown as its dotted `path`) not in `valid`, naming the
+    nearest valid one, or in `removed`, saying what replaced it."""
     if key in removed:
         raise BifocalError(f"{kind} `{path}` was removed: {removed[key]}")
     if key not in valid:
@@ -58,7 +61,8 @@ def check_key(key: str, path: str, valid: Iterable[str], removed: Mapping[str, s
 
 
 def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}."""
+    """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}. Raises
+    BifocalError when a key is given both a value and sub-keys."""
     tree: dict[str, Any] = {}
     for key, value in dotted.items():
         node = tree
@@ -72,7 +76,8 @@ def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`a.b=c` strings into a nested dict; values parsed as YAML (numbers, bools, lists)."""
+    """`a.b=c` strings into a nested dict; values parsed as YAML (numbers, bools, lists). Raises
+    BifocalError for an item without `=` or a value that is not valid YAML."""
     dotted: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -102,7 +107,9 @@ Relocate = Callable[[dict, Path], None]
 
 
 def yaml_mapping(path: str | Path, what: str = "a mapping") -> dict:
-    """The mapping a YAML file holds (empty for an empty file), as it is."""
+    """The mapping a YAML file holds (empty for an empty file), as it is, `include:` not applied.
+    Raises BifocalError if the file is missing, is not valid YAML, or holds no mapping (`what`
+    names what it must hold)."""
     path = Path(path)
     if not path.is_file():
         raise BifocalError(f"config file not found: {path}")
@@ -119,7 +126,8 @@ def yaml_mapping(path: str | Path, what: str = "a mapping") -> dict:
 
 def read_yaml(path: str | Path, relocate: Relocate | None = None, what: str = "a mapping",
               _including: tuple[Path, ...] = ()) -> dict:
-    """A YAML mapping from `path` with its `include:`s applied (see `expand`)."""
+    """A YAML mapping from `path` with its `include:`s applied (see `expand`); raises BifocalError
+    as `yaml_mapping` and `expand` do."""
     path = Path(path)
     return expand(yaml_mapping(path, what), path.parent, relocate, what, (*_including, path.resolve()))
 
@@ -128,7 +136,8 @@ def expand(raw: Mapping[str, Any], base_dir: Path, relocate: Relocate | None = N
            what: str = "a mapping", _including: tuple[Path, ...] = ()) -> dict:
     """Apply `include:` (a file or a list, relative to `base_dir`; later files win and `raw` wins
     over all), then `relocate` the inputs `raw` names relative to `base_dir`. `_including`: the
-    files being read, outermost first, so a cycle is named instead of recursing forever."""
+    files being read, outermost first, so a cycle is named instead of recursing forever. Raises
+    BifocalError for an `include:` that is not a file name or list of them, or an include cycle."""
     raw = dict(raw)
     include = raw.pop("include", None) or []
     includes = [include] if isinstance(include, str) else include

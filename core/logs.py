@@ -123,6 +123,8 @@ ROOT.propagate = False  # an application's own root handler would print every li
 
 
 def parse_level(text: str, where: str) -> int:
+    """The `logging` level for `debug | info | warning | error` (any case); raises BifocalError
+    naming `where` (the flag or variable it came from) for anything else."""
     level = LEVELS.get(text.strip().lower())
     if level is None:
         raise BifocalError(f"{where} {text!r}: one of {', '.join(LEVELS)}")
@@ -130,7 +132,8 @@ def parse_level(text: str, where: str) -> int:
 
 
 def parse_ranks(text: str, where: str) -> frozenset[int] | None:
-    """`all` -> None (every rank), `0,3` -> {0, 3}."""
+    """`all` -> None (every rank), `0,3` -> {0, 3}; raises BifocalError naming `where` for
+    anything else."""
     if text.strip().lower() == "all":
         return None
     try:
@@ -225,6 +228,7 @@ class PlainProgress:
         self.shown, self.last_time = self.n, time.monotonic()
 
     def update(self, n: float = 1) -> None:
+        """Count `n` more units; logs a line when this crosses the next 1/`lines` of the total."""
         self.n += n
         if self.total and self.lines:
             reached = min(self.lines, int(self.n * self.lines // self.total))
@@ -235,12 +239,15 @@ class PlainProgress:
             self._line()
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        """Text appended to the next lines, as tqdm's `set_postfix_str` (`refresh` is ignored)."""
         self.postfix = s
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
+        """`key=value, ...` appended to the next lines, as tqdm's `set_postfix` (`refresh` is ignored)."""
         self.postfix = ", ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **kwargs}.items())
 
     def close(self) -> None:
+        """End: with no total, log the count reached if it was not shown yet; no lines after this."""
         if self.total is None and self.interval and self.n != self.shown:
             self._line()
         self.interval = 0

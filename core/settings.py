@@ -127,6 +127,7 @@ def description(cls: type, name: str) -> str:
 
 
 def default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its `default_factory` called), or `dataclasses.MISSING`."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -195,7 +196,8 @@ def _yaml_value(text: str) -> Any:
 
 
 def from_arguments(cls: type[T], args: argparse.Namespace, where: str = "") -> T:
-    """The `cls` settings given on the command line (flags not given keep the declared default)."""
+    """The `cls` settings given on the command line (flags not given keep the declared default);
+    raises BifocalError for a value the declaration refuses."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if f.init and getattr(args, f.name, None) is not None}
     return build(cls, given, where)
