@@ -22,12 +22,16 @@ from .position import PositionContext, build_position, make_context, position_pa
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (Zhang & Sennrich 2019, arXiv
+    1910.07467, eq. 4; no mean subtraction, no bias)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(..., dim) -> (..., dim) in x's dtype (the weight's, if wider)."""
         # Normalise in fp32 (as Llama does) so bf16 activations keep their precision here.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -35,7 +39,8 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, arXiv 2002.05202, eq. 6), d_model -> d_ff
+    -> d_model, no biases."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -45,18 +50,21 @@ class MLP(nn.Module):
         self.down_proj._residual_out = True
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @dataclass
 class KVCache:
-    """Keys (after rotation) and values per layer, for incremental decoding."""
+    """Keys (after rotation) and values per layer, for incremental decoding: each (B, n_kv_head,
+    tokens, d), d = head_dim (2 * head_dim for PoPE's keys); None for a layer not reached yet."""
 
     keys: list[Tensor | None] = field(default_factory=list)
     values: list[Tensor | None] = field(default_factory=list)
 
     @property
     def length(self) -> int:
+        """Tokens cached (layer 0's count); valid between forward calls only (see layer_length)."""
         return self.layer_length(0)
 
     def layer_length(self, layer: int) -> int:
@@ -65,6 +73,8 @@ class KVCache:
         return 0 if layer >= len(self.keys) or self.keys[layer] is None else self.keys[layer].shape[2]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new k, v (B, n_kv_head, T, d) to `layer`'s cache; returns all of them so far,
+        (B, n_kv_head, cached+T, d)."""
         while len(self.keys) <= layer:
             self.keys.append(None)
             self.values.append(None)
@@ -76,6 +86,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads (n_kv_head divides n_head; Ainslie et al.
+    2023, arXiv 2305.13245): q/k/v projections, the layer's position scheme on q and k, one fused
+    `scaled_dot_product_attention` with scale 1/sqrt(head_dim), the o projection."""
+
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -90,7 +104,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
                 mask: Tensor | None = None, attentions: list[Tensor] | None = None) -> Tensor:
-        """`mask` (B, 1, T, past+T) bool, True where a query may attend; None: causal.
+        """x (B, T, d_model) -> (B, T, d_model); under sequence parallelism T is this rank's shard.
+        `ctx`: the positions and shared tables (model/position/base.py). `cache`: appended to, and
+        attended over. `mask` (B, 1, T, past+T) bool, True where a query may attend; None: causal.
         `attentions`: given, this layer's probabilities (B, n_head, T, past+T) are appended to it."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -197,6 +213,8 @@ def build_mask(T: int, past: int, valid: Tensor | None = None, documents: Tensor
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -207,6 +225,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ctx: PositionContext, cache: KVCache | None = None,
                 mask: Tensor | None = None, attentions: list[Tensor] | None = None) -> Tensor:
+        """(B, T, d_model) -> (B, T, d_model); the other arguments as in `Attention.forward`."""
         x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache, mask, attentions))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -216,6 +235,8 @@ class LMHead(nn.Linear):
     (model/loss.py); it does so inside its own forward so ZeRO-3 has gathered the weight."""
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x (B, T, d_model) -> logits (B, T, vocab); given `labels` (B, T), the mean cross-entropy
+        over the labels that are not -100 instead, a scalar float32."""
         return super().forward(x) if labels is None else linear_cross_entropy(x, self.weight, labels)
 
 
@@ -371,6 +392,8 @@ class GPT(Decoder):
         self.cfg.position.rope_scaling = scaling if scaling is not None else self.trained_rope_scaling
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, each shared one once; `non_embedding` leaves out the token embedding (with tied
+        embeddings that is the output head too)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 

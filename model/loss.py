@@ -24,14 +24,16 @@ CHUNK_ELEMENTS = 2**26
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy over labels != -100 (mean, or "sum" for evaluation totals),
-    softmax in fp32. The one loss of the project: training, evaluation and the Hugging Face
-    surgery adapter all call it."""
+    """Cross-entropy of logits (..., V) against labels (...) over labels != -100, softmax in fp32:
+    a float32 scalar in nats, the mean (nan when every label is ignored, as torch's) or, with
+    `reduction="sum"`, the total for evaluation. The one loss of the project: training, evaluation
+    and the Hugging Face surgery adapter all call it."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction=reduction)
 
 
 def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of `linear_cross_entropy`: 2^26 fp32 logits (256 MiB) / vocab_size, at least 1."""
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
@@ -76,8 +78,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int | None = None) -> Tensor:
     """cross_entropy(hidden @ weight.T, labels) without materialising the logits at once.
 
-    hidden (..., D), weight (V, D), labels (...). Same loss and gradients as the reference to fp32
-    rounding; chunk_rows defaults to 2^26 / V rows."""
+    hidden (..., D), weight (V, D), labels (...) -> the mean over labels != -100, a float32 scalar
+    (nan when all are ignored). Same loss and gradients as the reference to fp32 rounding;
+    chunk_rows defaults to 2^26 / V rows."""
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), rows, want_grad)
