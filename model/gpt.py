@@ -23,7 +23,7 @@ from .position import PositionContext, build_position, make_context, position_pa
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension (Zhang & Sennrich 2019, arXiv
-    1910.07467, eq. 4; no mean subtraction, no bias)."""
+    1910.07467; no mean subtraction, no bias)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, arXiv 2002.05202, eq. 6), d_model -> d_ff
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, arXiv 2002.05202), d_model -> d_ff
     -> d_model, no biases."""
 
     def __init__(self, cfg: GPTConfig) -> None:
