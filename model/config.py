@@ -32,7 +32,7 @@ class RopeScaling:
     interpolation, ramped linearly over the pair index between the correction dims of
     `beta_fast`/`beta_slow` rotations, and attention temperature (0.1 ln s + 1)^2 on the logits.
     All four equal transformers' definitions (`linear`, `dynamic`, `yarn`); sources in
-    model/schemes.py's SCALINGS and model/position/rope.py.
+    model/schemes.py's SCALINGS and model/position/rope.py. Checks raise BifocalError.
     """
 
     __pydantic_config__ = SETTINGS
@@ -55,6 +55,9 @@ class RopeScaling:
 
 @dataclass
 class PositionConfig:
+    """`model.position`: the position scheme (model/schemes.py) and its settings. Checks on
+    construction raise BifocalError naming the field; `rope_scaling` may be given as a mapping."""
+
     __pydantic_config__ = SETTINGS
     scheme: str = "bifocal"
     """rope | bifocal | spectral | pope | nope (model/schemes.py)."""
@@ -102,6 +105,10 @@ class PositionConfig:
 
 @dataclass
 class GPTConfig:
+    """`model`: the GPT's sizes and settings. Construction fills the nulls (n_kv_head, d_ff,
+    position.spectral_heads) and raises BifocalError naming the first field that is invalid or
+    inconsistent (head_dim odd, n_kv_head not dividing n_head, ...); `position` may be a mapping."""
+
     __pydantic_config__ = SETTINGS
     vocab_size: int = 8192
     """Vocabulary size (default: the tokenizer's)."""
@@ -153,6 +160,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head, d_model / n_head."""
         return self.d_model // self.n_head
 
     @property
@@ -167,4 +175,5 @@ class GPTConfig:
         return self.n_head - self.n_spectral_heads if scheme_entry(self.position.scheme).fixed else 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as nested plain dicts (`dataclasses.asdict`)."""
         return dataclasses.asdict(self)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Scheme:
+    """One position scheme's registry entry (see SCHEMES)."""
+
     name: str
     """The config value (`model.position.scheme`) and the name in results."""
     label: str
@@ -38,6 +40,8 @@ class Scheme:
 
 @dataclass(frozen=True)
 class Scaling:
+    """One training-free RoPE scaling's registry entry (see SCALINGS)."""
+
     name: str
     """The config value (`rope_scaling.type`, `--rope-scaling`) and the variant name in results."""
     transformers: str | None
