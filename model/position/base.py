@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 @dataclass
 class PositionContext:
+    """What every layer's position module reads in one forward (built by `make_context`); positions
+    given as (T,) become (1, T)."""
+
     positions: Tensor          # (B, T) int64 position of every token (B may be 1: shared by all rows)
     cos: Tensor | None = None  # (B, 1, T, d) fixed RoPE table, float32, eval-time scaling applied
     sin: Tensor | None = None
@@ -31,7 +34,8 @@ class PositionContext:
 
 
 class PositionEncoding(nn.Module):
-    """rotate(q, k, ctx) -> (q, k). Keys may come out wider than values (PoPE); that is fine."""
+    """A position scheme: forward(q, k, ctx) -> (q, k) ready for `scaled_dot_product_attention`.
+    Keys may come out wider than values (PoPE); that is fine."""
 
     # True when q and k come out wider than they go in (PoPE: 2d): under sequence parallelism such a
     # scheme rotates after the all-to-all, which then moves d-wide q and k instead of 2d-wide ones.
@@ -43,4 +47,6 @@ class PositionEncoding(nn.Module):
         raise NotImplementedError
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        """q (B, n_head, T, d), k (B, n_kv_head, T, d) at `ctx.positions` (B or 1, T) -> the q and k
+        that go into attention, in q's and k's dtypes (width d, or 2d for `widens` schemes)."""
         raise NotImplementedError

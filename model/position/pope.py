@@ -20,10 +20,15 @@ from .base import PositionContext, PositionEncoding
 
 
 def pope_freqs(head_dim: int, base: float, device: torch.device | None = None) -> Tensor:
+    """PoPE's frequencies theta_c = base^(-c/d) for c in [0, d), d = head_dim: (d,) float32,
+    radians per token (one per component, where RoPE has one per pair)."""
     return 1.0 / (base ** (torch.arange(head_dim, dtype=torch.float32, device=device) / head_dim))
 
 
 class PolarPosition(PositionEncoding):
+    """PoPE (arXiv 2509.10534; see the module doc): q and k of width d become 2d-wide [mu cos, mu sin]
+    vectors; the learnable key phase bias `delta` is (n_kv_head, d), clamped to [-2 pi, 0]."""
+
     widens = True
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -32,9 +37,13 @@ class PolarPosition(PositionEncoding):
         self.delta = nn.Parameter(torch.zeros(cfg.n_kv_head, cfg.head_dim))
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        """q (B, n_head, T, d), k (B, n_kv_head, T, d) at `ctx.positions` -> q (B, n_head, T, 2d),
+        k (B, n_kv_head, T, 2d), in q's and k's dtypes (computed in float32)."""
         return self._rotate(q, k, ctx.positions, self.delta)
 
     def rotate_heads(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
+        """`forward` for a head shard under sequence parallelism (see `PositionEncoding.rotate_heads`):
+        the whole sequence's positions and this rank's `ctx.kv_heads` rows of delta; widths double."""
         # Each rank's delta slice gets its part of the gradient; DeepSpeed sums them over the group.
         return self._rotate(q, k, ctx.sequence_positions, self.delta[ctx.kv_heads])
 

@@ -9,7 +9,8 @@ q.k ~ cos((m-n)*Omega): the phase cancels. Scaling both by A gives A^2, a per-pa
 So A and Phi act on the query side only: score_i = A_i * Re(q_i conj(k_i) e^{i((m-n)Omega_i + Phi_i)}),
 which keeps every parameter in the score and the score a function of m - n alone. Omega must be
 the same for q and k (relative position), so with grouped-query attention it lives per kv head
-while A and Phi live per query head.
+while A and Phi live per query head. The rotation itself is RoPE's (Su et al., arXiv 2104.09864
+§3.4) with these tables; the rest is derived here (README, "The idea").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .rope import angles_to_table, apply_rotary, rope_inv_freq
 
 
 def spectral_init_freq(cfg: GPTConfig, device: torch.device | None = None) -> Tensor:
-    """The frequencies the spectral heads start from (d/2 pairs, float32), per
+    """The frequencies the spectral heads start from, (d/2,) float32 in radians per token, per
     `position.spectral_init`: "rope" = theta_i for spectral_rope_base (or rope_base); "fit" =
     log-spaced from 1 rad/token down to 2 pi / max_seq_len (every wavelength <= training length)."""
     pos, half = cfg.position, cfg.head_dim // 2
@@ -66,12 +67,12 @@ class SpectralRotary(PositionEncoding):
             param.requires_grad_(kind in learn)  # frozen ones stay at their init (no optimizer group)
 
     def omega_init(self, device: torch.device | None = None) -> Tensor:
-        """Omega at initialisation, (d/2,) float32 (see spectral_init_freq)."""
+        """Omega at initialisation, (d/2,) float32, radians per token (see spectral_init_freq)."""
         return spectral_init_freq(self.cfg, device)
 
     @property
     def omega(self) -> Tensor:
-        """The learned frequencies Omega, (spectral kv heads, d/2), float32."""
+        """The learned frequencies Omega, (spectral kv heads, d/2) float32, radians per token."""
         if self.log_omega:
             s = self.omega_log_scale.float()
             return self.omega_init(s.device)[None, :] * torch.exp(s)
@@ -79,7 +80,8 @@ class SpectralRotary(PositionEncoding):
         return self.omega_init(d.device)[None, :] + d
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
-        """q (B, n_head, T, d), k (B, n_kv_head, T, d) at ctx.positions (B or 1, T) -> rotated q, k."""
+        """q (B, n_head, T, d), k (B, n_kv_head, T, d) at ctx.positions (B or 1, T) -> rotated q, k,
+        same shapes and dtypes (tables computed in float32)."""
         pos = ctx.positions.to(torch.float32)
         omega = self.omega
         k_angles = pos[:, None, :, None] * omega[None, :, None, :]              # (B, Hs_kv, T, d/2)
