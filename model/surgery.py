@@ -39,13 +39,16 @@ def spectralize(model: nn.Module, spectral_heads: int | None = None, phase_init_
                 spectral_lr_mult: float = 1.0) -> nn.Module:
     """Replace the rotary embedding of a transformers Llama/Mistral/Qwen2 causal LM (in place)
     by bifocal attention; returns the model. `spectral_heads` (default: half, in whole GQA
-    groups) must be a multiple of n_head / n_kv_head. Spectral parameters are trainable."""
+    groups) must be a multiple of n_head / n_kv_head. Spectral parameters are trainable. Raises
+    ValueError for a model that is not Llama-style, uses a rope_type other than default or is
+    already spectralized, and BifocalError for `spectral_heads` that do not fit."""
     return apply_surgery(model, spectral_heads, phase_init_std, spectral_lr_mult)
 
 
 
 class CausalLMAdapter(nn.Module):
-    """A spectralized transformers causal LM behind GPT's training interface."""
+    """A spectralized transformers causal LM behind GPT's training interface; raises ValueError for
+    a model `spectralize` has not been applied to."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -59,9 +62,10 @@ class CausalLMAdapter(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
-        """Logits and, for ALIGNED labels (labels[t] is the target at position t, -100 ignored),
-        the mean cross-entropy: exactly GPT.forward's contract (the training step passes
-        `return_logits=False`; the logits are built here either way)."""
+        """input_ids (B, T) -> (logits (B, T, vocab), loss): for ALIGNED labels (B, T) (labels[t] is
+        the target at position t, -100 ignored) the mean cross-entropy, a float32 scalar, else None:
+        exactly GPT.forward's contract (the training step passes `return_logits=False`, which
+        returns None for the logits; they are built here either way)."""
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         loss = None
         if labels is not None:
@@ -70,7 +74,7 @@ class CausalLMAdapter(nn.Module):
 
     def set_activation_checkpointing(self, every: int) -> None:
         """GPT's switch on the transformers model: transformers recomputes all decoder layers or
-        none, so only 0 (off) and 1 (every block) exist here."""
+        none, so only 0 (off) and 1 (every block) exist here; anything else raises BifocalError."""
         if every not in (0, 1):
             raise BifocalError(f"train.activation_checkpointing={every}: a --init-from-hf model checkpoints "
                                "every block or none (0 or 1)")
@@ -86,13 +90,16 @@ class CausalLMAdapter(nn.Module):
         return param_groups(self.model, weight_decay, mult)
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters of the wrapped model, each shared one once; `non_embedding` leaves out the
+        input embedding."""
         n = sum(p.numel() for p in self.model.parameters())
         return n - self.model.get_input_embeddings().weight.numel() if non_embedding else n
 
     def save_hf(self, out_dir: str | Path, tokenizer: Any = None) -> Path:
         """Write a directory that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
         and `load_spectralized(dir)` load with the learned spectral parameters. `tokenizer`: a
-        transformers tokenizer (save_pretrained) or None."""
+        transformers tokenizer (save_pretrained) or None. Returns the directory; raises ValueError
+        for a model class with no spectralized counterpart (modeling_spectralized.CLASSES)."""
         from .hf.export_code import write_code
         from .hf.modeling_spectralized import CLASSES
 
@@ -139,7 +146,10 @@ def load_spectralized(hf_dir: str | Path, spectral_heads: int | None = None, pha
     """A local Llama-family HF directory, spectralized, as a CausalLMAdapter. A directory written
     by `CausalLMAdapter.save_hf` comes back with its learned spectral parameters and its own
     surgery settings (the arguments then apply only where they agree); a plain one is
-    spectralized fresh. Runs no code from the directory."""
+    spectralized fresh. Runs no code from the directory; reads safetensors only. Raises
+    FileNotFoundError for a missing directory, config.json or weights file, ValueError for a
+    `spectral_heads` that disagrees with the saved one or spectral weights missing, and what
+    `spectralize` raises. `dtype`: the weights' torch dtype (None: as saved)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -27,7 +27,8 @@ SURGERY_KEY = "bifocal_surgery"  # config attribute recording how a model was sp
 
 
 def rope_theta_of(config: Any) -> float:
-    """The model's RoPE base; only plain RoPE (rope_type default) is supported."""
+    """The model's RoPE base (rope_theta); raises ValueError for a rope_type other than default or a
+    config without rope_theta."""
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
@@ -47,7 +48,8 @@ def default_spectral_heads(n_head: int, n_kv_head: int) -> int:
 def surgery_config(config: Any, spectral_heads: int | None, phase_init_std: float,
                    spectral_lr_mult: float) -> GPTConfig:
     """A GPTConfig describing the model's attention, for SpectralRotary and make_context.
-    Its validation enforces the GQA alignment of `spectral_heads`."""
+    Its validation enforces the GQA alignment of `spectral_heads` (BifocalError); raises ValueError
+    as `rope_theta_of` does."""
     n_head = config.num_attention_heads
     n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -64,7 +66,8 @@ def surgery_config(config: Any, spectral_heads: int | None, phase_init_std: floa
 
 
 class SpectralAttention(nn.Module):
-    """A Llama-family attention with bifocal rotation; everything else as in transformers."""
+    """A Llama-family attention with bifocal rotation (SpectralRotary on q (B, n_head, T, d) and
+    k (B, n_kv_head, T, d)); everything else as in transformers."""
 
     def __init__(self, attn: nn.Module, cfg: GPTConfig) -> None:
         super().__init__()
@@ -86,7 +89,8 @@ class SpectralAttention(nn.Module):
                 past_key_values: Any = None, cache: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         """The decoder layer's call, as transformers' Llama attention takes it: the KV cache under
         either name (`cache` from transformers 5.24 on), positions from `position_ids` (B, T), or
-        the cache length onwards; `position_embeddings` (the model-wide RoPE table) is unused."""
+        the cache length onwards; `position_embeddings` (the model-wide RoPE table) is unused.
+        hidden_states (B, T, hidden) -> (output (B, T, hidden), attention weights or None)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         cache = one_cache(cache, past_key_values)
@@ -112,6 +116,8 @@ class SpectralAttention(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (`model.<base_model_prefix>.layers`) of a Llama-family model; raises
+    ValueError when there are none with a `self_attn`."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = getattr(base, "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
@@ -122,7 +128,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def apply_surgery(model: nn.Module, spectral_heads: int | None = None, phase_init_std: float = 1e-3,
                   spectral_lr_mult: float = 1.0) -> nn.Module:
     """Replace every layer's attention by `SpectralAttention` in place; records the settings in
-    `model.config.bifocal_surgery` (saved with the config, read back on load)."""
+    `model.config.bifocal_surgery` (saved with the config, read back on load). Raises ValueError
+    for a model that is not Llama-style or is already spectralized."""
     layers = decoder_layers(model)
     if any(isinstance(layer.self_attn, SpectralAttention) for layer in layers):
         raise ValueError("this model is already spectralized")
