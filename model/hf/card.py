@@ -11,6 +11,8 @@ from ..gpt import GPT
 from ..schemes import SCHEMES
 
 def model_card(model: GPT, fmt: str, dtype: torch.dtype, extra: dict | None) -> str:
+    """The README.md text: `fmt` "llama" (plain LlamaForCausalLM) or "bifocal" (custom code), the
+    weights' `dtype`, and one JSON section per `extra` item (e.g. training_config, final_metrics)."""
     cfg = model.cfg
     pos = cfg.position
     trust = "" if fmt == "llama" else ", trust_remote_code=True"

@@ -22,6 +22,10 @@ _DERIVED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 
 
 class BifocalConfig(PretrainedConfig):
+    """`bifocal`: the GPTConfig as a dict (validated on construction, BifocalError if invalid);
+    the standard size names are derived from it (values given for them are ignored), except
+    `max_position_embeddings`, the declared context in tokens (default: the training length)."""
+
     model_type = "bifocal"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
@@ -45,4 +49,5 @@ class BifocalConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=cfg.tie_embeddings, **kwargs)
 
     def gpt_config(self) -> GPTConfig:
+        """The native GPTConfig this config carries."""
         return GPTConfig(**self.bifocal)

@@ -95,7 +95,9 @@ _COPY_HINT = """
 def write_code(out_dir: str | Path, entries: list[str]) -> list[Path]:
     """Write `entries` (paths relative to model/, e.g. "hf/modeling_bifocal.py") and every module
     they reach through project imports into `out_dir`, flattened. Each entry file also names every
-    module it reaches (see _COPY_HINT). Returns the files written."""
+    module it reaches (see _COPY_HINT). Returns the files written. Raises ValueError for an import
+    the exporter cannot rewrite (`from . import x`, `import bifocal...`, a package outside
+    EXPORTABLE, a module it cannot find)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     starts = [Path("model", e) for e in entries]

@@ -22,8 +22,8 @@ AUTO_MAP = {"AutoConfig": "configuration_bifocal.BifocalConfig",
 
 
 def intended_context(cfg: GPTConfig) -> int:
-    """The context an export declares by default: a scaled rope model's original length times
-    its factor, else the training length (`bifocal export --context` states another)."""
+    """The context (tokens) an export declares by default: a scaled rope model's original length
+    times its factor, else the training length (`bifocal export --context` states another)."""
     scaling = cfg.position.rope_scaling
     return int(scaling.original_max_len * scaling.factor) if scaling is not None else cfg.max_seq_len
 
@@ -61,6 +61,9 @@ def is_llama_compatible(cfg: GPTConfig) -> bool:
 
 def llama_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
                       context: int | None = None) -> dict[str, Any]:
+    """config.json of a Llama-compatible model (`is_llama_compatible`) as `LlamaConfig` writes it,
+    plus `bifocal_max_seq_len` (the training length) and transformers 4.x's rope keys. `context`:
+    max_position_embeddings in tokens (None: `intended_context`); `eos_id` is also the pad id."""
     from transformers import LlamaConfig
 
     rope_parameters, default_context = llama_rope(cfg)
@@ -95,6 +98,8 @@ def legacy_rope_keys(rope_parameters: dict[str, Any], dtype: torch.dtype) -> dic
 
 def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
                         context: int | None = None) -> dict[str, Any]:
+    """config.json of a custom-code export (`BifocalConfig`, with `auto_map`); `context` and `eos_id`
+    as in `llama_config_dict`."""
     from .configuration_bifocal import BifocalConfig
 
     hf = BifocalConfig(bifocal=cfg.to_dict(), bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id,
@@ -106,7 +111,9 @@ def bifocal_config_dict(cfg: GPTConfig, dtype: torch.dtype, eos_id: int | None,
 
 
 def gpt_config_from_llama(d: dict[str, Any], where: Path) -> GPTConfig:
-    """GPTConfig for a Llama config.json, refusing what GPT cannot represent."""
+    """GPTConfig for a Llama config.json `d` (read from `where`); raises ValueError naming `where`
+    for what GPT cannot represent (another activation, biases, a rope_type other than default,
+    linear or yarn, head_dim * num_attention_heads != hidden_size)."""
     rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
     rope_type = rope.get("rope_type", "default")
     checks = {
@@ -147,6 +154,8 @@ def gpt_config_from_llama(d: dict[str, Any], where: Path) -> GPTConfig:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of an export directory as a dict; raises FileNotFoundError for a missing
+    directory or file, ValueError for one that is not UTF-8 JSON holding an object."""
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"exported model directory not found: {p}")
@@ -164,7 +173,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def gpt_config_of(path: str | Path) -> tuple[GPTConfig, str]:
-    """(GPTConfig, model_type) of an exported directory."""
+    """(GPTConfig, model_type "llama" or "bifocal") of an exported directory; raises as
+    `read_config` does, ValueError for another model_type or a Llama config GPT cannot represent,
+    BifocalError for an invalid `bifocal` section."""
     p = Path(path)
     d = read_config(p)
     model_type = d.get("model_type")

@@ -49,7 +49,10 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
     transformers tokenizer or a bifocal TextTokenizer; None exports without a tokenizer.
     `context`: the intended context declared as max_position_embeddings and the tokenizer's
     model_max_length (what lm-eval uses as max_length); default `intended_context(cfg)`.
-    `run_name`: the training run it came from, recorded in config.json as `bifocal_run`."""
+    `run_name`: the training run it came from, recorded in config.json as `bifocal_run`.
+    `dtype`: a torch dtype or a name of DTYPES; `max_shard_size`: bytes, or a string such as "2GB".
+    Returns the directory. Raises ValueError for an unknown dtype name, and what the tokenizer copy
+    raises (FileNotFoundError, ValueError) for a tokenizer that is missing or not recognised."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
@@ -83,7 +86,8 @@ def save_hf(model: GPT, tokenizer_dir_or_files: Any, out_dir: str | Path, dtype:
 
 
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
-    """All tensors of a directory's model.safetensors or sharded index."""
+    """All tensors of a directory's model.safetensors or sharded index, by name; raises as
+    `weight_files` does, and ValueError for a file that is not readable safetensors."""
     from safetensors.torch import load_file
 
     sd: dict[str, Tensor] = {}
@@ -97,7 +101,8 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """model.safetensors, or the shards its index names (each checked to exist)."""
+    """model.safetensors, or the shards its index names; raises ValueError for a malformed index and
+    FileNotFoundError for a missing file."""
     p = Path(path)
     index = p / "model.safetensors.index.json"
     if index.is_file():
@@ -115,8 +120,9 @@ def weight_files(path: str | Path) -> list[Path]:
 
 
 def check_geometry(path: str | Path, cfg: GPTConfig) -> None:
-    """config.json's head layout against the one recorded in the weights (exports before this
-    record had none: nothing to compare)."""
+    """Check config.json's head layout against the one recorded in the weights' safetensors
+    metadata (exports before this record had none: nothing to compare); raises ValueError on a
+    difference or an unreadable file."""
     from safetensors import safe_open
 
     want = geometry_metadata(cfg)
@@ -135,7 +141,9 @@ def check_geometry(path: str | Path, cfg: GPTConfig) -> None:
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[GPT, GPTConfig]:
-    """An exported directory (either format) as the native GPT, in eval mode."""
+    """(native GPT in eval mode on `device` in `dtype`, its GPTConfig) from an exported directory
+    (either format). Raises FileNotFoundError for missing files and ValueError for a config.json
+    or weights that are invalid or do not match each other (see `gpt_config_of`, `check_geometry`)."""
     cfg, model_type = gpt_config_of(path)
     check_geometry(path, cfg)
     sd = native_state_dict(read_safetensors(path), model_type)

@@ -75,7 +75,10 @@ def _usable_defaults(tok_cfg: dict, eos: str | None, max_length: int | None) -> 
 
 def write_tokenizer(src: Any, out_dir: Path, max_length: int | None = None) -> tuple[str | None, int | None]:
     """Copy the tokenizer into `out_dir` so `AutoTokenizer.from_pretrained(out_dir)` loads it
-    with the same ids, a pad token and `model_max_length`; returns its (eos token, eos id)."""
+    with the same ids, a pad token and `model_max_length` (= `max_length`, tokens); returns its
+    (eos token, eos id), (None, None) without one. `src`: a directory, a tokenizer.json or
+    SentencePiece .model, a list of files, or a tokenizer object with `save_pretrained` / `save`.
+    Raises FileNotFoundError for missing files, ValueError with no tokenizer.json or .model among them."""
     with tempfile.TemporaryDirectory() as tmp:
         files = _collect_tokenizer(src, Path(tmp))
         names = {f.name for f in files}
@@ -107,7 +110,8 @@ def write_tokenizer(src: Any, out_dir: Path, max_length: int | None = None) -> t
 
 def load_tokenizer(path: str | Path) -> Any:
     """The exported directory's tokenizer via transformers' AutoTokenizer, without running the
-    directory's code (AutoTokenizer would otherwise load the remote-code config first and ask)."""
+    directory's code (AutoTokenizer would otherwise load the remote-code config first and ask).
+    Raises FileNotFoundError for a directory without tokenizer files."""
     from transformers import AutoTokenizer, PretrainedConfig
 
     p = Path(path)

@@ -79,6 +79,9 @@ def _cache_of(out: BaseModelOutputWithPast) -> Any:
 
 
 class BifocalPreTrainedModel(PreTrainedModel):
+    """transformers' base class of the bifocal models: config class, weight init of missing weights
+    (normal, std `init_std`; RMSNorm weights 1), gradient checkpointing support."""
+
     config_class = BifocalConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -106,9 +109,11 @@ class BifocalModel(BifocalPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The token embedding, (vocab_size, hidden_size) (transformers' model contract)."""
         return self.decoder.embed
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding (transformers' model contract)."""
         self.decoder.embed = value
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -119,7 +124,9 @@ class BifocalModel(BifocalPreTrainedModel):
         """`input_ids` (B, T) or `inputs_embeds` (B, T, hidden_size); `attention_mask` (B, cached + T),
         0 at padding (left or right); `position_ids` (B, T), default: the cache length onwards. Rows
         whose `position_ids` restart without an attention mask are packed documents and attend
-        within their document only, as in Llama. No cache is built in training."""
+        within their document only, as in Llama. No cache is built in training. Raises ValueError
+        for both or neither of input_ids and inputs_embeds, a preallocated (static) cache or an
+        attention_mask that is not 2D."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cfg = self.config
@@ -163,6 +170,9 @@ class BifocalModel(BifocalPreTrainedModel):
 
 
 class BifocalForCausalLM(BifocalPreTrainedModel, GenerationMixin):
+    """BifocalModel + the output head (tied to the embedding when the config says so): next-token
+    logits (B, T, vocab_size), loss and generation, as `LlamaForCausalLM`."""
+
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed.weight"}
 
     def __init__(self, config: BifocalConfig) -> None:
@@ -172,15 +182,19 @@ class BifocalForCausalLM(BifocalPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The token embedding, (vocab_size, hidden_size) (transformers' model contract)."""
         return self.model.decoder.embed
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding (transformers' model contract)."""
         self.model.decoder.embed = value
 
     def get_output_embeddings(self) -> nn.Module:
+        """The output head, (vocab_size, hidden_size) (transformers' model contract)."""
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
+        """Replace the output head (transformers' model contract)."""
         self.lm_head = value
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -191,7 +205,8 @@ class BifocalForCausalLM(BifocalPreTrainedModel, GenerationMixin):
                 logits_to_keep: int | Tensor = 0, **kwargs: Any) -> Any:
         """As `LlamaForCausalLM.forward`: `labels` (B, T) are the inputs themselves, shifted inside the
         loss, -100 ignored; `**kwargs` carries the loss's own arguments (`num_items_in_batch`:
-        the loss is summed and divided by it, as Trainer expects under gradient accumulation)."""
+        the loss is summed and divided by it, as Trainer expects under gradient accumulation).
+        `logits_to_keep`: the last N positions' logits only (0: all) or the positions given."""
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -218,9 +233,11 @@ class BifocalForSequenceClassification(BifocalPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The token embedding, (vocab_size, hidden_size) (transformers' model contract)."""
         return self.model.decoder.embed
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding (transformers' model contract)."""
         self.model.decoder.embed = value
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -228,6 +245,10 @@ class BifocalForSequenceClassification(BifocalPreTrainedModel):
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, cache: Cache | None = None, **kwargs: Any) -> Any:
+        """As `LlamaForSequenceClassification.forward`: arguments as `BifocalModel.forward`; `labels`
+        (B,) class ids or (B, num_labels) targets; logits (B, num_labels) at each row's last token
+        that is not `pad_token_id`. Raises ValueError for a batch of more than one row without
+        `config.pad_token_id`."""
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,

@@ -19,18 +19,24 @@ def _spectralize_from_config(model) -> None:
 
 
 class SpectralLlamaForCausalLM(LlamaForCausalLM):
+    """`LlamaForCausalLM` with bifocal attention applied from `config.bifocal_surgery`."""
+
     def __init__(self, config) -> None:
         super().__init__(config)
         _spectralize_from_config(self)
 
 
 class SpectralMistralForCausalLM(MistralForCausalLM):
+    """`MistralForCausalLM` with bifocal attention applied from `config.bifocal_surgery`."""
+
     def __init__(self, config) -> None:
         super().__init__(config)
         _spectralize_from_config(self)
 
 
 class SpectralQwen2ForCausalLM(Qwen2ForCausalLM):
+    """`Qwen2ForCausalLM` with bifocal attention applied from `config.bifocal_surgery`."""
+
     def __init__(self, config) -> None:
         super().__init__(config)
         _spectralize_from_config(self)

@@ -21,6 +21,8 @@ _LLAMA_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model
 
 
 def native_to_llama_name(name: str) -> str:
+    """Native GPT weight name -> LlamaForCausalLM's (`blocks.0.attn.q_proj.weight` ->
+    `model.layers.0.self_attn.q_proj.weight`); raises ValueError for a weight Llama has not."""
     if name in _LLAMA_TOP:
         return _LLAMA_TOP[name]
     parts = name.split(".", 2)
@@ -30,6 +32,7 @@ def native_to_llama_name(name: str) -> str:
 
 
 def llama_to_native_name(name: str) -> str:
+    """Inverse of `native_to_llama_name`; raises ValueError for a Llama weight GPT has not."""
     inverse_top = {v: k for k, v in _LLAMA_TOP.items()}
     if name in inverse_top:
         return inverse_top[name]
@@ -48,7 +51,7 @@ def bifocal_name(name: str) -> str:
 
 def native_bifocal_name(name: str) -> str:
     """Inverse of `bifocal_name`; also reads exports written before the base model class existed
-    (everything under `model.`)."""
+    (everything under `model.`). Raises ValueError for a name under neither."""
     for prefix in ("model.decoder.", "model."):
         if name.startswith(prefix):
             return name[len(prefix):]
@@ -58,7 +61,8 @@ def native_bifocal_name(name: str) -> str:
 
 
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """The model's weights under the names of its export format, cast, tied copies dropped."""
+    """The model's weights under the names of its export format, cast to `dtype`, on the CPU,
+    contiguous; a tied lm_head is left out (transformers re-ties it)."""
     rename = native_to_llama_name if is_llama_compatible(model.cfg) else bifocal_name
     out = {}
     for name, t in model.state_dict().items():
@@ -69,7 +73,8 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, T
 
 
 def native_state_dict(hf_sd: dict[str, Tensor], model_type: str) -> dict[str, Tensor]:
-    """Inverse of `hf_state_dict` for a `llama` or `bifocal` directory's weights."""
+    """Inverse of `hf_state_dict` for a `llama` or `bifocal` directory's weights; raises ValueError
+    for another model_type or a weight name without a native equivalent."""
     if model_type == "llama":
         return {llama_to_native_name(k): v for k, v in hf_sd.items()}
     if model_type == "bifocal":
