@@ -33,15 +33,18 @@ MARKER = "complete.json"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
+    """RUN/checkpoints, where every step's checkpoint directory lives."""
     return Path(run_dir) / "checkpoints"
 
 
 def tag_for(step: int) -> str:
+    """The checkpoint directory name (DeepSpeed's tag) of an optimizer step: `step_00000042`."""
     return f"step_{step:08d}"
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint, oldest first; raises BifocalError for a damaged
+    marker (see `marker_info`)."""
     root = checkpoint_dir(run_dir)
     found = []
     for path in root.glob("step_*"):
@@ -52,7 +55,8 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def marker_info(path: Path) -> dict[str, Any]:
-    """The complete.json of a checkpoint (written atomically, so a damaged one was tampered with)."""
+    """The complete.json of a checkpoint (written atomically, so a damaged one was tampered with):
+    `step`, `world_size` and what `save` was given as `info`. Raises BifocalError when damaged."""
     marker = path / MARKER
     try:
         info = json.loads(marker.read_text())
@@ -64,6 +68,8 @@ def marker_info(path: Path) -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int, Path] | None:
+    """(step, path) of the newest complete checkpoint, or of the one at `step`; None if there is
+    none. Raises BifocalError as `complete_checkpoints` does."""
     ckpts = complete_checkpoints(run_dir)
     if step is not None:
         ckpts = [c for c in ckpts if c[0] == step]
@@ -82,6 +88,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the torch, CUDA (when available and saved), numpy and Python generators from
+    `rng_state()`'s output."""
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,7 +100,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int,
          info: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint path.
+    """Collective: every rank calls it. Writes RUN/checkpoints/step_XXXXXXXX (DeepSpeed's states,
+    each rank's RNG state, then the marker with `step`, `world_size` and `info`), then keeps the
+    newest `keep_last` complete checkpoints. Returns the checkpoint path.
 
     An I/O failure on any rank (no space, a quota, a read-only, vanished or unwritable run
     directory) removes the partial checkpoint and raises one BifocalError on every rank naming the
@@ -200,12 +210,15 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
 
 
 def saved_world_size(path: Path) -> int:
+    """The number of ranks that wrote the checkpoint at `path` (1 for markers that do not say)."""
     return int(json.loads((path / MARKER).read_text()).get("world_size", 1))
 
 
 def to_universal(path: Path) -> Path:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format (once), which loads on any
-    number of ranks. Rank 0 only; the caller holds the others at a barrier."""
+    number of ranks; returns its directory, `checkpoints/universal/step_XXXXXXXX`. Rank 0 only;
+    the caller holds the others at a barrier. Raises RuntimeError when DeepSpeed's converter fails,
+    BifocalError when a file fails the restricted load."""
     out = path.parent / "universal" / path.name
     if (out / MARKER).is_file():
         return out
@@ -228,7 +241,8 @@ def to_universal(path: Path) -> Path:
 def load(engine, run_dir: str | Path, path: Path) -> dict[str, Any]:
     """Collective: load model, optimizer, scheduler and this rank's RNG state; return client state.
     Every file is checked by a restricted (weights-only) load first, and DeepSpeed's loads run
-    restricted as well (see safe_load)."""
+    restricted as well (see safe_load). Raises BifocalError when a file fails that check or
+    DeepSpeed cannot load the checkpoint."""
     safe_load.verify(safe_load.checkpoint_files(path))
     with safe_load.restricted_loads():
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
@@ -286,7 +300,9 @@ def fp32_masters(states: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, device: str = "cpu"):
-    """(GPT, tokenizer) from a run directory's newest (or `step`) complete checkpoint."""
+    """(GPT in eval mode on `device`, fp32 weights; its TextTokenizer) from a run directory's newest
+    (or `step`) complete checkpoint. Raises BifocalError when the directory is not a run, has no
+    such checkpoint, continued a Hugging Face model, or its weights do not fit its config."""
     from bifocal.data_pipeline.tokenizer import load_tokenizer
     from bifocal.model import GPT
 
