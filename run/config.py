@@ -37,6 +37,8 @@ REMOVED_KEYS = {
 
 @dataclass
 class TrainConfig:
+    """`train`: the run's name and place, batch, steps, cadences and devices. Checks raise BifocalError."""
+
     __pydantic_config__ = SETTINGS
     out_dir: str = "runs"
     """Runs are written to out_dir/run_name."""
@@ -96,6 +98,8 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    """`optim`: AdamW (torch's) with linear warmup and cosine decay. Checks raise BifocalError."""
+
     __pydantic_config__ = SETTINGS
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
@@ -120,6 +124,9 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedSection:
+    """`deepspeed`: ZeRO stage, precision, offload, or a whole DeepSpeed config file. Checks raise
+    BifocalError."""
+
     __pydantic_config__ = SETTINGS
     zero_stage: int = 0
     """ZeRO stage 0 | 1 | 2 | 3"""
@@ -143,6 +150,8 @@ class DeepSpeedSection:
 
 @dataclass
 class RunConfig:
+    """A whole run config, one field a section (`build_config` validates it)."""
+
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -152,6 +161,7 @@ class RunConfig:
     vocab_from_data: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        """The sections as nested plain dicts, as config.yaml stores them."""
         out = dataclasses.asdict(self)
         out.pop("vocab_from_data")
         return out
@@ -178,7 +188,8 @@ def _relocate_inputs(raw: dict, base_dir: Path) -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A run config file with its `include:`s applied and the data section's inputs made absolute."""
+    """A run config file with its `include:`s applied and the data section's inputs made absolute;
+    raises BifocalError as `bifocal.core.config.read_yaml` does."""
     return core.read_yaml(path, _relocate_inputs, _WHAT)
 
 
@@ -188,7 +199,8 @@ def expand(raw: Mapping[str, Any], base_dir: Path) -> dict:
 
 
 def config_path(name: str | Path | None) -> Path:
-    """A `--config` value as a file: a path on disk, else a bundled preset (`gpu/125m`)."""
+    """A `--config` value as a file: a path on disk, else a bundled preset (`gpu/125m`); None: the
+    demo preset. Raises BifocalError when it is neither."""
     if name is None:
         return DEMO_CONFIG
     found = configs.find(name)
@@ -198,14 +210,16 @@ def config_path(name: str | Path | None) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (default: the embedded demo), apply `--set` overrides, validate strictly."""
+    """Read YAML (default: the embedded demo), apply `--set` overrides, validate strictly; raises
+    BifocalError naming the file, key or value at fault."""
     raw = read_yaml(config_path(path))
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build_config(raw)
 
 
 def build_config(raw: Mapping[str, Any]) -> RunConfig:
-    """A RunConfig from a mapping of sections, each validated against its declaration."""
+    """A RunConfig from a mapping of sections, each validated against its declaration; raises
+    BifocalError for an unknown or removed section or key, or an invalid value."""
     for key in raw:
         check_key(str(key), str(key), SECTIONS, REMOVED_SECTIONS, "config section")
         section = raw[key]
@@ -238,8 +252,8 @@ def check_sequence_parallel(n: int, model: GPTConfig, world: int | None = None) 
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the run's config with its output paths made absolute, so commands that read it
-    (`bifocal eval ppl RUN`) work from any directory."""
+    """Write the run's config as YAML to `path` with its output paths made absolute, so commands
+    that read it (`bifocal eval ppl RUN`) work from any directory."""
     out = cfg.to_dict()
     out["data"]["prepared_dir"] = str(Path(cfg.data.prepared_dir).resolve())
     out["train"]["out_dir"] = str(Path(cfg.train.out_dir).resolve())
@@ -247,7 +261,9 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run: generated, or the user's file with our batch sizes checked."""
+    """The DeepSpeed config dict for this run: generated, or the user's file with the run's batch
+    sizes filled in where it has none; `deepspeed.overrides` merged over either. Raises
+    BifocalError for a missing deepspeed.config_file."""
     t, ds = cfg.train, cfg.deepspeed
     if ds.config_file:
         path = Path(ds.config_file)
@@ -282,7 +298,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 def sequence_parallel_reduction(conf: dict[str, Any], n: int) -> dict[str, Any]:
-    """ZeRO-3 under sequence parallelism reduces gradients by all-reduce: its reduce-scatter path
+    """`conf` with `reduce_scatter: false` for ZeRO-3 under sequence parallelism (n > 1), so that it
+    reduces gradients by all-reduce: its reduce-scatter path
     averages them over every rank, the sequence-parallel ones included (DeepSpeed 0.19.8
     `__avg_scatter_grads`; deepspeedai/DeepSpeed#6841), so they came out 1/N too small, while its
     all-reduce path divides by the data-parallel ranks only (tests/test_sequence_parallel.py)."""
