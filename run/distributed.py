@@ -102,6 +102,9 @@ def release_shm_buffer() -> Path | None:
 
 
 def init_distributed(device: str) -> None:
+    """Collective: DeepSpeed's process group from the launcher's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT), NCCL for `device` "cuda" (each rank on GPU LOCAL_RANK), gloo for "cpu" (the
+    shared-memory buffer then released, see release_shm_buffer)."""
     import deepspeed
 
     backend = "nccl" if device == "cuda" else "gloo"
@@ -140,14 +143,17 @@ def process_group(device: str) -> Iterator[None]:
 
 
 def rank() -> int:
+    """This process's global rank (0 without a process group)."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def barrier() -> None:
+    """Collective: wait for every rank (nothing without a process group)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -188,6 +194,7 @@ def sequence_parallel_group():
 
 
 def sequence_parallel_size() -> int:
+    """N, the ranks that share each sequence (1 without sequence parallelism)."""
     mpu = sequence_parallel_mpu()
     return mpu.get_sequence_parallel_world_size() if mpu else 1
 
@@ -204,11 +211,13 @@ def data_parallel_size() -> int:
 
 
 def data_parallel_rank() -> int:
+    """Which data-parallel group this rank is in: rank / sequence_parallel_size."""
     return rank() // sequence_parallel_size()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over ranks in one collective (loss, flags)."""
+    """Collective: sum a few floats over ranks in one all-reduce (loss, flags), in float64; the
+    values as they are without a process group."""
     t = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized() and world_size() > 1:
         backend = torch.distributed.get_backend()
@@ -219,6 +228,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def resolve_device(device: str) -> str:
+    """`train.device` (auto | cpu | cuda) as the device to use: auto is cuda when one is visible.
+    Raises RuntimeError for cuda with no CUDA device."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
