@@ -20,8 +20,11 @@ log = logs.get_logger(__name__)
 
 
 def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndarray]:
-    """Omega (theta + offset), A, Phi per layer and PoPE's delta, as numpy. Collective under ZeRO-3
-    (parameters are gathered from their partitions), so every rank must call it."""
+    """Every position parameter by full name (spectral heads' omega offset or log-scale (kv heads,
+    d/2), amplitude and phase (spectral heads, d/2); PoPE's delta (n_kv_head, d)) plus each spectral
+    layer's Omega as `<layer>.omega` (spectral kv heads, d/2) in radians per token; float32 numpy.
+    Collective under ZeRO-3 (parameters are gathered from their partitions), so every rank must
+    call it."""
     params = list(position_parameters(module).items())
     if not params:
         return {}
@@ -45,8 +48,10 @@ def spectral_snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, np.ndar
 
 def frequency_figure(snapshot: dict[str, np.ndarray], init_freq: np.ndarray, n_head: int | None = None):
     """Learned Omega of every spectral head against the frequencies it started from, `init_freq`
-    (the model's answer: bifocal.model.position.spectral_init_freq), log scale. Each line is labelled with its layer and head (spectral heads are a layer's last heads, so
-    with `n_head` the label is the head's index in the layer, else its index among the spectral)."""
+    (d/2,) in radians per token (the model's answer: bifocal.model.position.spectral_init_freq),
+    log scale; returns the matplotlib Figure. Each line is labelled with its layer and head
+    (spectral heads are a layer's last heads, so with `n_head` the label is the head's index in the
+    layer, else its index among the spectral)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +101,9 @@ def _duration(seconds: float) -> str:
 
 
 def train_line(record: dict[str, Any], max_steps: int, seconds_per_step: float) -> str:
-    """One training line for logs without a terminal (where the progress bar is off)."""
+    """One training line for logs without a terminal (where the progress bar is off): step, loss,
+    learning rate, tokens/s and the ETA from `seconds_per_step`. `record` holds step, loss, lr and
+    tokens_per_s."""
     eta = _duration((max_steps - record["step"]) * seconds_per_step)
     return (f"step {record['step']}/{max_steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
             f"{record['tokens_per_s']:,.0f} tokens/s, ETA {eta}")
@@ -117,7 +124,8 @@ def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def require_wandb(project: str | None) -> None:
-    """Fail before the run starts when W&B logging is asked for but not installed."""
+    """Raise BifocalError before the run starts when W&B logging is asked for (`project` not None)
+    but wandb is not installed."""
     if project is None:
         return
     try:
@@ -189,6 +197,8 @@ class MetricsLogger:
                             "logging there stops, training goes on")
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append `record` (with a `step`) to metrics.jsonl, and its finite numbers to TensorBoard
+        and W&B as `train/KEY` (`val/KEY` for keys starting with val). Rank 0 only; no-op elsewhere."""
         if not self.enabled:
             return
         if self.jsonl:
@@ -209,6 +219,8 @@ class MetricsLogger:
 
     def spectral(self, step: int, snapshot: dict[str, np.ndarray], init_freq: np.ndarray,
                  n_head: int | None = None) -> None:
+        """TensorBoard histograms of a `spectral_snapshot` (finite values only) and, with spectral
+        heads, the `frequency_figure` against `init_freq`; arguments as those take them."""
         if not (self.enabled and self.tb is not None and snapshot):
             return
         with self._guard("tb", "TensorBoard events"):
@@ -245,6 +257,7 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of RUN/metrics.jsonl in order ([] without the file)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -252,7 +265,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
-    """loss.png: training and validation loss against step."""
+    """Write RUN/loss.png, training and validation loss (nats/token) against step; returns its path,
+    None when there are no metrics."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
