@@ -47,6 +47,9 @@ class RunLock:
         self._held = False
 
     def acquire(self) -> None:
+        """Create the run directory if needed and take its lock, taking over a stale one from this
+        host; raises BifocalError naming the holder when another live process holds it, or for an
+        unreadable lock file."""
         self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
@@ -90,6 +93,8 @@ class RunLock:
                            f"finish, or delete the lock if that process is gone (nothing was written)")
 
     def release(self) -> None:
+        """Remove the lock, and the directories `acquire` made for it if nothing else was written
+        there; nothing when it is not held."""
         if not self._held:
             return
         self._held = False

@@ -67,7 +67,7 @@ def load(path: str | Path, mmap: bool = False) -> Any:
 
 def verify(paths: Iterable[str | Path]) -> None:
     """Load every file restricted (memory-mapped: tensor data is not read) before anything else
-    may unpickle it."""
+    may unpickle it; raises BifocalError naming the first file that is missing or refused."""
     for path in paths:
         load(path, mmap=True)
 

@@ -32,6 +32,7 @@ def finished_step(run_dir: Path) -> int | None:
 
 
 def is_finished(run_dir: Path, max_steps: int) -> bool:
+    """Whether the run's summary.json records a step >= `max_steps`."""
     step = finished_step(run_dir)
     return step is not None and step >= max_steps
 
