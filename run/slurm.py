@@ -26,7 +26,8 @@ def tasks_per_node(spec: str) -> list[int]:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list ("gpu[03-06,09]" -> "gpu03"), as Slurm itself expands it."""
+    """The first host of a Slurm node list ("gpu[03-06,09]" -> "gpu03"), as Slurm itself expands it
+    (`scontrol show hostnames`); raises BifocalError when scontrol cannot."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True).stdout.split()
