@@ -27,6 +27,8 @@ BUNDLED_DATA = bundled_data.ROOT
 
 @dataclass
 class SourceConfig:
+    """One entry of `data.sources`: a corpus and its mixture weight. Checks raise BifocalError."""
+
     __pydantic_config__ = SETTINGS
     name: str
     """Source name (names its shard files)."""
@@ -92,6 +94,8 @@ class SourceConfig:
 
 @dataclass
 class TokenizerConfig:
+    """`data.tokenizer`: the tokenizer to train, or to load from `path`. Checks raise BifocalError."""
+
     __pydantic_config__ = SETTINGS
     type: str = "bpe"
     """bpe (byte-level BPE, `tokenizers`) | sentencepiece_unigram | sentencepiece_bpe"""
@@ -151,6 +155,9 @@ def _default_sources() -> list[SourceConfig]:
 
 @dataclass
 class DataConfig:
+    """`data`: sources, tokenizer, validation split, dedup, where shards go and how windows are
+    positioned and masked. Checks raise BifocalError."""
+
     __pydantic_config__ = SETTINGS
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     """The corpora: each a name, a weight, and a path, hf_dataset or synthetic task."""
