@@ -44,6 +44,8 @@ class Deduplicator:
         self.kept = 0
 
     def check(self, texts: list[str], ids: list) -> list[str | None]:
+        """Per document of `texts` (with `ids`, each its token ids, a 1-D integer sequence): None
+        (kept, and remembered), "exact" or "near" (a duplicate of one kept earlier)."""
         docs = [np.asarray(x, dtype=np.uint64) for x in ids]
         sigs = self.signatures_of(docs)
         # Each band's 4 rows folded into one 64-bit key (a collision only adds a candidate to verify).

@@ -28,10 +28,12 @@ class DataWarning(UserWarning):
 
 
 def dtype_for(vocab_size: int) -> str:
+    """The token dtype of the shards: "uint16" for vocabularies up to 2^16 ids, else "uint32"."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
 def shard_names(source: str, split: str) -> tuple[str, str]:
+    """(token file, offset file) names of a source's split: `SOURCE.SPLIT.bin`, `SOURCE.SPLIT.idx`."""
     return f"{source}.{split}.bin", f"{source}.{split}.idx"
 
 
@@ -50,19 +52,24 @@ class ShardWriter:
 
     @property
     def tokens(self) -> int:
+        """Tokens written so far."""
         return self.offsets[-1]
 
     @property
     def documents(self) -> int:
+        """Documents written so far."""
         return len(self.offsets) - 1
 
     def add(self, ids: np.ndarray) -> None:
+        """Append one document's token ids, (n,) integers, stored in the shard's dtype."""
         data = np.ascontiguousarray(ids, dtype=self.dtype).tobytes()
         self._f.write(data)
         self._sha.update(data)
         self.offsets.append(self.offsets[-1] + len(ids))
 
     def close(self) -> dict:
+        """Close the token file and write the offset file; returns meta.json's entry for the shard:
+        bin, idx (file names), tokens, documents and the sha256 of the token data (header excluded)."""
         self._f.close()
         with open(self.directory / self.idx_name, "wb") as f:
             f.write(INDEX_MAGIC + self.run_id)
@@ -82,7 +89,9 @@ def _check_header(path: Path, magic: bytes, run_id: bytes) -> None:
 
 
 def open_shard(directory: Path, entry: dict, dtype: str, run_id: bytes) -> tuple[np.memmap, np.ndarray]:
-    """Memory-map a shard after checking existence, header and sizes against meta.json."""
+    """(tokens (n_tokens,) memmap of `dtype`, document offsets (n_documents + 1,) int64) of a shard,
+    after checking existence, header and sizes against meta.json's `entry`; raises BifocalError
+    for a missing, truncated, oversized, foreign or corrupt shard."""
     dt = np.dtype(dtype).newbyteorder("<")
     bin_path, idx_path = directory / entry["bin"], directory / entry["idx"]
     for p in (bin_path, idx_path):
@@ -105,6 +114,7 @@ def open_shard(directory: Path, entry: dict, dtype: str, run_id: bytes) -> tuple
 
 
 def file_sha256(path: Path) -> str:
+    """Hex sha256 of a shard file's data after its 16-byte header (what `ShardWriter.close` records)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(HEADER)
