@@ -29,7 +29,9 @@ from .tokenizer import TextTokenizer, load_tokenizer
 
 
 class PreparedData:
-    """A validated prepared data directory (meta.json + shards + tokenizer file)."""
+    """A validated prepared data directory (meta.json + shards + tokenizer file). Opening it raises
+    BifocalError for a missing, unreadable, malformed or other-version meta.json, or a shard or
+    tokenizer file that is missing or does not match it (see shards.open_shard)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -66,21 +68,26 @@ class PreparedData:
 
     @property
     def sources(self) -> list[str]:
+        """Source names in meta.json order."""
         return list(self.weights)
 
     @property
     def splits(self) -> list[str]:
+        """Split names present (e.g. train, val), sorted."""
         return sorted({sp for _, sp in self._shards})
 
     def tokens(self, source: str, split: str) -> np.ndarray:
-        """The memory-mapped tokens of one source and split (documents each end in eod_id)."""
+        """The memory-mapped tokens (n_tokens,) of one source and split, uint16 or uint32 (documents
+        each end in eod_id); raises BifocalError for an unknown source or split."""
         return self._shard(source, split)[0]
 
     def offsets(self, source: str, split: str) -> np.ndarray:
-        """Document start offsets into tokens(source, split); the last value is the token count."""
+        """Document start offsets into tokens(source, split), (n_documents + 1,) int64; the last value
+        is the token count. Raises BifocalError for an unknown source or split."""
         return self._shard(source, split)[1]
 
     def num_tokens(self, split: str, source: str | None = None) -> int:
+        """Tokens in `split` of one source, or of all (None)."""
         names = [source] if source else self.sources
         return sum(len(self.tokens(n, split)) for n in names)
 
@@ -92,6 +99,7 @@ class PreparedData:
                                f"(sources: {', '.join(self.sources)}; splits: {', '.join(self.splits)})") from None
 
     def tokenizer(self) -> TextTokenizer:
+        """The directory's tokenizer; raises BifocalError when its file's hash differs from meta.json's."""
         tok = load_tokenizer(self.path / self.meta["tokenizer"]["file"])
         if tok.hash != self.tokenizer_hash:
             raise BifocalError(f"{self.path}: tokenizer file hash {tok.hash[:16]} differs from meta.json "
@@ -100,19 +108,22 @@ class PreparedData:
 
     def check_ids(self, ids: np.ndarray, source: str, split: str) -> None:
         """Token ids beyond the vocabulary mean a shard was damaged in place (same size, so the
-        open-time checks pass); a max over the read window catches it without hashing every shard."""
+        open-time checks pass); a max over the read window catches it without hashing every shard.
+        Raises BifocalError naming the shard when `ids` hold one >= vocab_size."""
         if ids.size and int(ids.max()) >= self.vocab_size:
             shard = self.path / shard_names(source, split)[0]
             raise BifocalError(f"{shard}: token id {int(ids.max())} is outside the {self.vocab_size}-token vocabulary; "
                                f"the shard is corrupted (its sha256 no longer matches meta.json); re-run prepare")
 
     def check_tokenizer(self, tokenizer_hash: str) -> None:
+        """Raise BifocalError unless `tokenizer_hash` is the one the data was prepared with."""
         if tokenizer_hash != self.tokenizer_hash:
             raise BifocalError(f"data at {self.path} was prepared with tokenizer {self.tokenizer_hash[:16]}, "
                                f"the run uses {str(tokenizer_hash)[:16]}")
 
     def verify(self) -> None:
-        """Full content check of every shard against the sha256 in meta.json (reads everything)."""
+        """Full content check of every shard against the sha256 in meta.json (reads everything);
+        raises BifocalError naming the first that differs."""
         for s in self.meta["sources"]:
             for entry in s["splits"].values():
                 if file_sha256(self.path / entry["bin"]) != entry["sha256"]:
@@ -138,13 +149,15 @@ class Batch:
     documents: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> "Batch":
+        """The batch with every tensor on `device` (non-blocking copies)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.inputs), move(self.labels), move(self.positions), move(self.documents))
 
     def shard(self, index: int, count: int) -> "Batch":
         """The `index`-th of `count` contiguous slices of every sequence (B, T/count), for sequence
         parallelism: positions are the slice's global ones (index * T/count + ... when the batch had
-        none), so every position scheme rotates each token as in the whole sequence."""
+        none), so every position scheme rotates each token as in the whole sequence. Raises
+        BifocalError when `count` does not divide T."""
         if count == 1:
             return self
         B, T = self.inputs.shape
@@ -178,7 +191,10 @@ def reset_positions(documents: np.ndarray) -> np.ndarray:
 
 
 class WindowSampler:
-    """Random (seq_len + 1)-token windows, mixed across sources by weight; see the module docstring."""
+    """Random (seq_len + 1)-token windows, mixed across sources by weight; see the module docstring.
+    Raises BifocalError for invalid sizes or ranks, an unknown split or source, a negative weight,
+    or no source with enough tokens (a train source shorter than seq_len + 1 tokens is an error, a
+    validation one is left out with a DataWarning)."""
 
     def __init__(self, data: PreparedData | str, split: str, seq_len: int, micro_batch: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, weights: dict[str, float] | None = None,
@@ -235,20 +251,22 @@ class WindowSampler:
         return self.micro_batch * self.world_size * self.grad_accum
 
     def draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source index, window start) of all `global_batch` samples of optimizer step `step`."""
+        """(source index, window start in tokens), each (global_batch,) int64, of all samples of
+        optimizer step `step`."""
         rng = np.random.default_rng([self.seed, step])
         src = rng.choice(len(self.sources), size=self.global_batch, p=self.probs)
         starts = rng.integers(0, self._starts[src])
         return src, starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), each (micro_batch, seq_len): the next micro-batch of this rank."""
+        """(inputs, labels), each (micro_batch, seq_len) int64: the next micro-batch of this rank."""
         batch = self.sample()
         return batch.inputs, batch.labels
 
     def sample(self) -> Batch:
         """The next micro-batch of this rank, with the positions (`positions="reset"`) and documents
-        (`attention="document"`) the sampler was built for; this rank's `shard` of each window."""
+        (`attention="document"`) the sampler was built for; this rank's `shard` of each window.
+        Tensors are int64, (micro_batch, seq_len / shard count)."""
         step, micro = divmod(self.counter, self.grad_accum)
         if self._drawn is None or self._drawn[0] != step:
             self._drawn = (step, *self.draw(step))
@@ -270,13 +288,16 @@ class WindowSampler:
         return batch.shard(*self.shard)
 
     def state_dict(self) -> dict:
+        """The micro-batch counter and what a resume must agree with (seed, split, seq_len, batch
+        split, sources), for `load_state_dict`."""
         return {"counter": self.counter, "seed": self.seed, "split": self.split, "seq_len": self.seq_len,
                 "micro_batch": self.micro_batch, "world_size": self.world_size, "grad_accum": self.grad_accum,
                 "sources": list(self.sources)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at the saved step under this sampler's split of the global batch; a state of
-        another seed, split or global batch is refused (it would not continue the same data order)."""
+        another seed, split or global batch is refused with BifocalError (it would not continue the
+        same data order), as is a counter in the middle of a step."""
         for key in ("seed", "split"):
             if key in state and state[key] != getattr(self, key):
                 raise BifocalError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}; "
@@ -293,7 +314,8 @@ class WindowSampler:
 
 def iter_documents(data: PreparedData | str, split: str = "val", min_tokens: int = 0) -> Iterator[np.ndarray]:
     """Whole documents (int64 tokens, without their end-of-document token) with >= min_tokens tokens,
-    source by source in meta.json order, documents in shard order."""
+    source by source in meta.json order, documents in shard order. Raises BifocalError for an
+    unknown split or a corrupted shard (see PreparedData.check_ids)."""
     data = _as_data(data)
     if split not in data.splits:
         raise BifocalError(f"{data.path}: no split {split!r} (have {', '.join(data.splits)})")
