@@ -36,6 +36,9 @@ _BATCH = 256  # rows per streamed batch: amortises Python overhead, keeps memory
 
 @dataclass
 class Document:
+    """One document read from a source: its text (valid Unicode, repaired if need be), its split
+    key, whether it was repaired, and its UTF-8 size in bytes."""
+
     text: str
     key: str  # stable identity for the train/val hash
     repaired: bool = False  # the text was not valid Unicode: repaired with U+FFFD
@@ -116,7 +119,10 @@ def origin(src: SourceConfig) -> dict[str, Any]:
 
 
 def read_source(src: SourceConfig) -> Iterator[Document]:
-    """Yield the non-empty documents of `src` (at most max_documents), in a deterministic order."""
+    """Yield the non-empty documents of `src` (at most max_documents), in a deterministic order.
+    Raises BifocalError naming the file and line or row (or the dataset) for files that are
+    missing, unsupported or unreadable, a dataset that cannot be opened, or a record that is not a
+    document (malformed JSON, no text field, a non-string text)."""
     n = 0
     for doc in _raw_documents(src):
         if not doc.text or doc.text.isspace():
