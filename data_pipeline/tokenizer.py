@@ -40,7 +40,10 @@ _LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (_BPE_MAX_RUN, _BPE_MA
 
 
 class TextTokenizer:
-    """encode/decode plus the facts a prepared data directory records about its tokenizer."""
+    """encode/decode plus the facts a prepared data directory records about its tokenizer: `kind`
+    (bpe | sentencepiece), `hash` (sha256 hex of the file), `vocab_size`, `eod_id`, `bos_id` (None
+    if it adds none). Built from a file's bytes; raises BifocalError for another kind or a
+    tokenizer without an end-of-document token."""
 
     def __init__(self, kind: str, file_bytes: bytes) -> None:
         self.kind = kind
@@ -83,9 +86,11 @@ class TextTokenizer:
 
     @property
     def filename(self) -> str:
+        """The file name it is saved under: tokenizer.json (bpe) or tokenizer.model (SentencePiece)."""
         return BPE_FILE if self.kind == "bpe" else SP_FILE
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of one text; no BOS/EOS added, control-token spellings encoded as text."""
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -97,13 +102,15 @@ class TextTokenizer:
         return self._sp.encode(list(texts), num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids, special tokens included as their spelling."""
         ids = [int(i) for i in ids]
         if self.kind == "bpe":
             return self._tok.decode(ids, skip_special_tokens=False)
         return self._sp.decode(ids)
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
-        """Write the tokenizer file (byte-identical to what was loaded) into `directory`."""
+        """Write the tokenizer file (byte-identical to what was loaded) into `directory`; returns
+        [its path]."""
         out = Path(directory) / self.filename
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(self._bytes)
@@ -114,7 +121,8 @@ class TextTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
-    """Load from a prepared data directory, a tokenizer.json, or a SentencePiece .model file."""
+    """Load from a prepared data directory, a tokenizer.json, or a SentencePiece .model file;
+    raises BifocalError for a missing file, another file type, or a file its library cannot read."""
     p = Path(path)
     if p.is_dir():
         names = [BPE_FILE, SP_FILE]
@@ -147,7 +155,8 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | os.PathLike) -> TextTokenizer:
-    """Train on `texts` (capped at cfg.train_chars characters), save into out_dir, return it."""
+    """Train on `texts` (capped at cfg.train_chars characters), save into out_dir, return it. Raises
+    BifocalError when there is no text or SentencePiece's trainer fails."""
     capped = _cap(texts, cfg.train_chars)
     if cfg.type == "bpe":
         data = _train_bpe(capped, cfg.vocab_size)
