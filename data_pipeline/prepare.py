@@ -78,7 +78,8 @@ def settings_fingerprint(cfg: DataConfig) -> str:
 
 def fingerprint(cfg: DataConfig) -> str:
     """Hash of everything that determines the output: the settings and the bytes of every input
-    file (content only: neither paths nor modification times, so copying or `touch` keeps it)."""
+    file (content only: neither paths nor modification times, so copying or `touch` keeps it).
+    A sha256 hex digest; raises BifocalError for a missing tokenizer.path or source file."""
     tok = cfg.tokenizer.path
     if tok is not None and not Path(tok).is_file():
         raise BifocalError(f"tokenizer.path: tokenizer file not found: {tok}")
@@ -90,7 +91,8 @@ def fingerprint(cfg: DataConfig) -> str:
 
 
 def val_score(source: str, key: str) -> float:
-    """Stable pseudo-random fraction in [0, 1) for a document."""
+    """Stable pseudo-random fraction in [0, 1) for a document: the first 8 bytes of
+    sha1(source + NUL + key), big-endian, / 2^64 (the split rule in the module doc)."""
     digest = hashlib.sha1(f"{source}\0{key}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -100,7 +102,10 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike | None = None, workers: 
     """Tokenize cfg's sources into `out_dir` (default cfg.prepared_dir); reuse it if already done.
 
     `trust_complete` (training): a finished directory prepared with the same settings is used as
-    is, without reading the raw corpora, so shards copied to a cluster train on their own."""
+    is, without reading the raw corpora, so shards copied to a cluster train on their own.
+    `workers`: tokenizer threads (RAYON_NUM_THREADS). Returns the directory, absolute. Raises
+    BifocalError for invalid workers, missing inputs, unreadable documents, or an existing
+    directory prepared from other settings or inputs (nothing is written then)."""
     out = Path(out_dir if out_dir is not None else cfg.prepared_dir).resolve()
     if trust_complete and is_prepared(out):
         recorded = json.loads((out / "meta.json").read_text()).get("settings")  # None: an older prepare
