@@ -326,7 +326,8 @@ class Decoder(nn.Module):
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute blocks 0, k, 2k, ... in the backward instead of keeping their activations
-        (every=1: all blocks, 0: none). Selective checkpointing trades memory for less recompute."""
+        (every=1: all blocks, 0: none). Selective checkpointing trades memory for less recompute.
+        Raises ValueError for every < 0."""
         if every < 0:
             raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
         self.checkpoint_every = every
@@ -360,7 +361,8 @@ class GPT(Decoder):
         the token after input_ids[t]; -100 is ignored), the mean next-token cross-entropy.
 
         `positions`, `cache`, `attention_mask` and `documents` as in `Decoder.forward`.
-        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits."""
+        `return_logits=False` (training) returns (None, loss) and never holds the B*T*V logits.
+        The loss is a float32 scalar in nats per token; None without labels."""
         x = super().forward(input_ids, positions=positions, cache=cache, attention_mask=attention_mask,
                             documents=documents)
         if labels is not None and not return_logits:

@@ -30,7 +30,7 @@ def require_transformers() -> None:
 
 def cache_field(output_cls: type) -> str:
     """The field under which `output_cls` (a transformers ModelOutput dataclass) carries the KV
-    cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    cache: `cache` from transformers 5.24 on, `past_key_values` before; TypeError if it has neither."""
     names = {f.name for f in dataclasses.fields(output_cls)}
     if "cache" in names:
         return "cache"
@@ -40,7 +40,8 @@ def cache_field(output_cls: type) -> str:
 
 
 def one_cache(cache: Any, past_key_values: Any) -> Any:
-    """The KV cache passed under either name (generate uses `cache` from 5.24 on)."""
+    """The KV cache passed under either name (generate uses `cache` from 5.24 on); ValueError when
+    two different caches are given."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values

@@ -43,10 +43,12 @@ class PositionEncoding(nn.Module):
 
     def rotate_heads(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         """Rotate the whole sequence of a head shard: q (B, n_head/N, N*T, d), k (B, n_kv_head/N,
-        N*T, d), the heads of `ctx.kv_heads`, at `ctx.sequence_positions`. Only `widens` schemes."""
+        N*T, d), the heads of `ctx.kv_heads`, at `ctx.sequence_positions`. Only `widens` schemes;
+        the others raise NotImplementedError."""
         raise NotImplementedError
 
     def forward(self, q: Tensor, k: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         """q (B, n_head, T, d), k (B, n_kv_head, T, d) at `ctx.positions` (B or 1, T) -> the q and k
-        that go into attention, in q's and k's dtypes (width d, or 2d for `widens` schemes)."""
+        that go into attention, in q's and k's dtypes (width d, or 2d for `widens` schemes).
+        Every scheme overrides it."""
         raise NotImplementedError
