@@ -51,6 +51,7 @@ class Example:
 
     @property
     def text(self) -> str:
+        """The instance's line in a training document: prompt, answer, newline."""
         return self.prompt + self.answer + "\n"
 
 
