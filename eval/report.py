@@ -644,6 +644,10 @@ def load_analysis(source: str) -> Analysis:
     if path is None:
         raise BifocalError(f"--analysis {source!r}: no such file or study preset")
     raw = yaml_mapping(path, "a study YAML with an analysis: section")
+    if "include" in raw:  # a study including another: its analysis as the study would read it
+        from .study import study_mapping
+
+        raw = study_mapping(Path(path))
     return parse_analysis(raw.get("analysis", raw), str(path))
 
 

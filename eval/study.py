@@ -218,9 +218,10 @@ def _base_config(base: Any, study_path: Path) -> dict:
         raise BifocalError(f"{study_path}: base.include: {exc}") from None
 
 
-def _study_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+def study_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """A study YAML with its `include:` applied: another study (relative to this file, itself
-    possibly including one), whose keys this file's override."""
+    possibly including one), whose keys this file's override. Raises BifocalError for a missing
+    include, an include cycle or a file that is not a YAML mapping."""
     raw = yaml_mapping(path, "a study mapping with base, schemes, seeds, overrides, eval")
     if "include" in raw:
         parent = path.parent / str(raw.pop("include"))
@@ -229,7 +230,7 @@ def _study_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         chain = (*chain, path.resolve())
         if parent.resolve() in chain:
             raise BifocalError(f"include cycle: {' -> '.join(p.name for p in (*chain, parent))}")
-        included = _study_mapping(parent, chain)
+        included = study_mapping(parent, chain)
         # Its base's paths are read relative to itself, as when it runs alone.
         included["base"] = _base_config(included.get("base") or {}, parent)
         raw = deep_merge(included, raw)
@@ -241,7 +242,7 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     """Read and validate a study (a preset name or a YAML path) against `StudyFile`, with `--set`
     (run-config keys go to `base`), `--schemes`, `--seeds` and `--label` applied."""
     path = _preset_path(preset)
-    raw = _study_mapping(path)
+    raw = study_mapping(path)
     sets = []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()

@@ -140,6 +140,11 @@ def test_a_run_trained_with_other_settings_is_refused_not_reused(tmp_path):
 def test_comparisons_may_name_labelled_ablations_but_not_misspelt_schemes(tmp_path):
     study = load_study("cpu-ablations")  # rows of --label'd ablation studies, compared in one report
     assert ("bifocal[omega-only]", "bifocal") in study.analysis.comparisons
+    from bifocal.eval.report import load_analysis  # `bifocal eval report --analysis`: the same, include applied
+
+    declared = load_analysis("cpu-ablations")
+    assert declared.comparisons == study.analysis.comparisons and [e.name for e in declared.endpoints] == \
+        ["extrapolation", "training_length"]  # the endpoints come from the included cpu.yaml
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"include: {study.path}\nanalysis:\n  comparisons: [['bifocl[omega-only]', bifocal]]\n")
     with pytest.raises(BifocalError, match="'bifocl\\[omega-only\\]' is not a label this study can produce"):
