@@ -119,10 +119,18 @@ def across_corpora(reports: dict[str, dict[str, Any]]) -> str:
             found.setdefault((c["endpoint"], c["a"], c["b"]), {})[name] = c
     if not found:
         return "No report declared an analysis: nothing was tested.\n"
-    out = ["| endpoint | A vs B | " + " | ".join(f"{n}: ratio [CI], verdict" for n in names) + " | same on every corpus |",
+    seeds = {n: max((c.get("seeds_a", 0) for c in (r.get("analysis") or {}).get("comparisons") or []), default=0)
+             for n, r in reports.items()}
+    out = ["A verdict is the Holm-adjusted test's (p shown), not the interval's: with few seeds an interval "
+           "can exclude 1 while the corrected test does not reject. A `no` in the last column can come "
+           "from the corpora or from their power (seeds per model: " + ", ".join(f"{n} {seeds[n]}" for n in names)
+           + ").", "",
+           "| endpoint | A vs B | " + " | ".join(f"{n}: ratio [CI], p (Holm), verdict" for n in names)
+           + " | same on every corpus |",
            "|---|---|" + "---|" * (len(names) + 1)]
     for (endpoint, a, b), by in found.items():
-        cells = [f"{by[n]['ratio']:.3f} [{by[n]['ratio_ci'][0]:.3f}, {by[n]['ratio_ci'][1]:.3f}], {by[n]['verdict']}"
+        cells = [f"{by[n]['ratio']:.3f} [{by[n]['ratio_ci'][0]:.3f}, {by[n]['ratio_ci'][1]:.3f}], "
+                 f"{'—' if by[n].get('p_holm') is None else format(by[n]['p_holm'], '.2g')}, {by[n]['verdict']}"
                  if n in by else "—" for n in names]
         verdicts = {by[n]["verdict"] for n in names if n in by}
         same = "yes" if len(by) == len(names) and len(verdicts) == 1 else "no"

@@ -85,7 +85,8 @@ def null_section(spectra: dict[str, dict], p: int) -> str:
     if not heads:
         return ""
     lines = [f"## Is 2pi/{p} special? The task's modulus against moduli it never used", "",
-             f"{len(heads)} spectral heads of {len(spectra)} runs.", "",
+             f"{len(heads)} spectral heads of {len(spectra)} run(s). Read each count against its initial value "
+             "(last column, and the init distances): RoPE's theta_0 = 1 rad/token already sits 0.047 from 2pi/6.", "",
              "| modulus q | targets k*2pi/q | median distance | heads within 0.05 | closer than at init | median init distance |",
              "|---:|---:|---:|---:|---:|---:|"]
     for q in sorted({*NULL_MODULI, p}):

@@ -11,11 +11,11 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from bifocal import __version__
+from bifocal import __version__, configs
 from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.data_pipeline.config import SYNTHETIC_TASKS
-from bifocal.model.schemes import SCALINGS, SCHEMES
+from bifocal.model.schemes import SCHEMES
 
 
 def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
@@ -127,7 +127,8 @@ def _study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="multi-run studies")
     ssub = p.add_subparsers(dest="study_command", required=True)
     ex = ssub.add_parser("extrapolation", help="train rope/bifocal/spectral/pope, evaluate 1x-16x, report")
-    ex.add_argument("--preset", default="cpu", help="cpu | gpu-125m | path to a study YAML")
+    presets = " | ".join(n.split("/")[-1] for n in configs.bundled("study"))
+    ex.add_argument("--preset", default="cpu", help=f"{presets} | path to a study YAML")
     ex.add_argument("--out", default="runs/study", help="study directory")
     _add_set(ex, "the study's base run config")
     ex.add_argument("--schemes", default=None, help="comma-separated subset of schemes")

@@ -123,6 +123,7 @@ def test_headline_across_corpora_says_where_a_verdict_holds_on_every_corpus(tmp_
     assert main([str(code), str(prose), "--labels", "bifocal,rope"]) == 0
     out = capsys.readouterr().out
     assert "#### code\n" in out and "#### prose\n" in out  # a section per corpus, named by its directory
+    assert "seeds per model: code 3, prose 3" in out  # a verdict that differs may be power, said beside the table
     rows = [line for line in out.split("#### Every declared comparison")[1].splitlines() if line.startswith("| ")][1:]
     assert len(rows) == len(report["analysis"]["comparisons"])
     assert rows[0].endswith("| no |") and all(r.endswith("| yes |") for r in rows[1:])
