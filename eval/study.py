@@ -157,13 +157,16 @@ class Study:
     label: str | None = None  # tags result rows `scheme[label]`
     analysis: Analysis | None = None  # endpoints and comparisons declared before the run
     extension: dict[str, Any] | None = None  # the extension study's section (eval/study_extension.py)
+    sets: dict[str, Any] = field(default_factory=dict)  # the command line's run keys (--set), nested
 
     def model_name(self, scheme: str) -> str:
         return f"{scheme}[{self.label}]" if self.label else scheme
 
     def run_config(self, scheme: str, seed: int | None = None) -> dict:
-        """The full run config of one scheme: base, then its overrides, then the seed."""
-        raw = deep_merge(self.base, nest(self.overrides.get(scheme) or {}))
+        """The full run config of one scheme: base, then its overrides, then the command line's
+        `--set` run keys (they win over a scheme's override of the same key, e.g.
+        `--set model.position.spectral_heads=1` over the preset's `bifocal:` override), then the seed."""
+        raw = deep_merge(deep_merge(self.base, nest(self.overrides.get(scheme) or {})), self.sets)
         return raw if seed is None else deep_merge(raw, {"train": {"seed": seed}})
 
     def labels(self, schemes: list[str] | None = None) -> list[str]:
@@ -243,10 +246,15 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
     (run-config keys go to `base`), `--schemes`, `--seeds` and `--label` applied."""
     path = _preset_path(preset)
     raw = study_mapping(path)
-    sets = []
+    sets, run_sets = [], []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
-        sets.append(f"base.{item}" if key.split(".")[0] in SECTIONS else item)
+        run_key = key.split(".")[0] in SECTIONS
+        sets.append(f"base.{item}" if run_key else item)
+        if run_key:
+            if key == "model.position.scheme":
+                raise BifocalError(f"--set {item}: a study sets each run's scheme; choose them with --schemes")
+            run_sets.append(item)
     raw = deep_merge(raw, parse_overrides(sets))
     if schemes:
         raw["schemes"] = [s.strip() for s in schemes.split(",") if s.strip()]
@@ -261,6 +269,7 @@ def load_study(preset: str, overrides: list[str] | None = None, schemes: str | N
         raise BifocalError(f"{path}: {exc}") from None
     base = _base_config(declared.base, path)
     study = Study(path=path, base=base, schemes=declared.schemes, overrides=declared.overrides, eval=declared.eval,
+                  sets=parse_overrides(run_sets),
                   seeds=_seed_list(seeds if seeds is not None else declared.seeds, base,
                                    "--seeds" if seeds is not None else str(path)), label=declared.label,
                   extension=declared.extension)

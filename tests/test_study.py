@@ -149,3 +149,15 @@ def test_comparisons_may_name_labelled_ablations_but_not_misspelt_schemes(tmp_pa
     bad.write_text(f"include: {study.path}\nanalysis:\n  comparisons: [['bifocl[omega-only]', bifocal]]\n")
     with pytest.raises(BifocalError, match="'bifocl\\[omega-only\\]' is not a label this study can produce"):
         load_study(str(bad))
+
+
+def test_the_command_line_wins_over_a_schemes_override():
+    """`--set model.position.spectral_heads=1` reached the base config, which the preset's
+    `bifocal: {model.position.spectral_heads: 2}` override then replaced: an ablation of the number
+    of spectral heads trained the default model under its label. The command line now wins."""
+    study = load_study("cpu", ["model.position.spectral_heads=1", "optim.lr=0.001"], "bifocal,rope", 3, "heads1")
+    assert study.run_config("bifocal", 1234)["model"]["position"]["spectral_heads"] == 1
+    assert study.run_config("rope")["optim"]["lr"] == 0.001
+    assert load_study("cpu").run_config("bifocal")["model"]["position"]["spectral_heads"] == 2  # the preset's own
+    with pytest.raises(BifocalError, match="--schemes"):
+        load_study("cpu", ["model.position.scheme=rope"])
