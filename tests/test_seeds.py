@@ -130,11 +130,14 @@ def test_headline_across_corpora_says_where_a_verdict_holds_on_every_corpus(tmp_
     assert main([str(code), str(prose), "--names", "a,a"]) == 2
 
 
-def test_readme_headline_table_is_generated_from_the_committed_study():
-    """The README's table must be what `python -m bifocal.eval.headline docs/study-cpu/report.json`
-    prints today, so a re-run study cannot leave stale numbers in the README."""
-    from bifocal.eval.headline import headline
+def test_readme_headline_table_is_generated_from_the_committed_study(capsys):
+    """The README's tables must be what `python -m bifocal.eval.headline docs/study-cpu/report.json
+    docs/study-prose/report.json --names code,prose` prints today, so a re-run study cannot leave
+    stale numbers in the README."""
+    from bifocal.eval.headline import main
 
     root = Path(__file__).resolve().parents[1]
-    table = headline(json.loads((root / "docs/study-cpu/report.json").read_text()))
-    assert table and table in (root / "README.md").read_text()
+    assert main([str(root / "docs/study-cpu/report.json"), str(root / "docs/study-prose/report.json"),
+                 "--names", "code,prose"]) == 0
+    tables = capsys.readouterr().out.strip()
+    assert "#### code" in tables and "#### prose" in tables and tables in (root / "README.md").read_text()
