@@ -60,6 +60,17 @@ def check_key(key: str, path: str, valid: Iterable[str], removed: Mapping[str, s
         raise BifocalError(f"unknown {kind} `{path}`: {nearest(key, list(valid))}")
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"position": {"scheme": "rope"}}} -> {"model.position.scheme": "rope"}: the inverse of
+    `nest`. An empty mapping is a leaf, so two trees differ in `flatten` exactly where they differ."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
 def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
     """{"model.position.scheme": "rope"} -> {"model": {"position": {"scheme": "rope"}}}. Raises
     BifocalError when a key is given both a value and sub-keys."""

@@ -14,7 +14,7 @@ from bifocal import data as bundled_data
 from bifocal.core.config import SETTINGS, check
 from bifocal.core.errors import BifocalError
 
-from .synthetic import TASKS as SYNTHETIC_TASKS  # noqa: F401  (re-exported: the one task list)
+from .synthetic import TASKS
 
 TOKENIZER_TYPES = ("bpe", "sentencepiece_unigram", "sentencepiece_bpe")
 # datasets' file-format builders: `hf_dataset: parquet` etc. read `data_files`, never a repository.
@@ -84,8 +84,8 @@ class SourceConfig:
         if self.synthetic is not None:
             syn = self.synthetic
             check(isinstance(syn, Mapping), f"{where}: synthetic", syn, "must be a mapping with task, n_documents, seed")
-            check(syn.get("task") in SYNTHETIC_TASKS, f"{where}: synthetic.task", syn.get("task"),
-                   f"one of {', '.join(SYNTHETIC_TASKS)}")
+            check(syn.get("task") in TASKS, f"{where}: synthetic.task", syn.get("task"),
+                   f"one of {', '.join(TASKS)}")
             n = syn.get("n_documents")
             check(isinstance(n, int) and n > 0, f"{where}: synthetic.n_documents", n, "must be a positive integer")
             check(isinstance(syn.get("seed", 0), int), f"{where}: synthetic.seed", syn.get("seed"), "must be an integer")

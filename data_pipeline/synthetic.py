@@ -79,12 +79,10 @@ def _resolve_params(task: str, params: dict) -> dict:
     out = {**DEFAULTS[task], **params}
     if task == "dyck" and out["mode"] not in DYCK_MODES:
         raise ValueError(f"mode must be one of {DYCK_MODES}, got {out['mode']!r}")
-    if task == "modular":
+    if task in ("modular", "count"):
         _int_param(out, "p", 2)
-        if out["op"] not in MODULAR_OPS:
-            raise ValueError(f"op must be one of {MODULAR_OPS}, got {out['op']!r}")
-    if task == "count":
-        _int_param(out, "p", 2)
+    if task == "modular" and out["op"] not in MODULAR_OPS:
+        raise ValueError(f"op must be one of {MODULAR_OPS}, got {out['op']!r}")
     if task in ("rotation", "count"):
         _int_param(out, "alphabet_size", 2, len(ALPHABET))
         if out.get("shift") is not None:

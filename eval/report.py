@@ -635,7 +635,6 @@ def write_report(results: list[EvalResult], out_dir: str | Path, analysis: Analy
 def load_analysis(source: str) -> Analysis:
     """The `analysis:` of a study YAML (a path or a preset name), or of a YAML holding just it."""
     from bifocal import configs
-    from bifocal.core.config import yaml_mapping
     from bifocal.core.errors import BifocalError
 
     from .significance import parse_analysis
@@ -643,11 +642,9 @@ def load_analysis(source: str) -> Analysis:
     path = configs.find(source, "study")
     if path is None:
         raise BifocalError(f"--analysis {source!r}: no such file or study preset")
-    raw = yaml_mapping(path, "a study YAML with an analysis: section")
-    if "include" in raw:  # a study including another: its analysis as the study would read it
-        from .study import study_mapping
+    from .study import study_mapping
 
-        raw = study_mapping(Path(path))
+    raw = study_mapping(Path(path))  # a study's `include:` applied, as the study itself reads it
     return parse_analysis(raw.get("analysis", raw), str(path))
 
 

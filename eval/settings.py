@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bifocal.core.config import SETTINGS, check
-from bifocal.data_pipeline.config import SYNTHETIC_TASKS
+from bifocal.data_pipeline.synthetic import TASKS
 from bifocal.model.schemes import SCALINGS
 
 
@@ -134,7 +134,7 @@ class TasksSettings:
 
     __pydantic_config__ = SETTINGS
     task: str
-    """The task: one of data_pipeline/config.py's SYNTHETIC_TASKS."""
+    """The task: one of data_pipeline/synthetic.py's TASKS."""
     n: int = 200
     """Examples per setting."""
     seed: int = 1
@@ -145,5 +145,5 @@ class TasksSettings:
     """The JSON result's path (default: MODEL/eval/tasks-TASK.json)."""
 
     def __post_init__(self) -> None:
-        check(self.task in SYNTHETIC_TASKS, "task", self.task, f"one of {', '.join(SYNTHETIC_TASKS)}")
+        check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
         _positive_or_none(self, "n")

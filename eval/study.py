@@ -48,7 +48,7 @@ import yaml
 from pydantic import StrictFloat, StrictInt
 
 from bifocal import configs
-from bifocal.core.config import SETTINGS, check, deep_merge, nest, parse_overrides, yaml_mapping
+from bifocal.core.config import SETTINGS, check, deep_merge, flatten, nest, parse_overrides, yaml_mapping
 from bifocal.core import logs
 from bifocal.core.errors import BifocalError
 from bifocal.core.settings import build
@@ -117,6 +117,10 @@ class StudyEval:
             check(value is None or value >= 1, key, value, "must be a positive integer or null")
 
 
+# What a --label may hold: it tags result rows `scheme[label]`, which comparisons name.
+LABEL = r"[A-Za-z0-9_.=,-]+"
+
+
 @dataclass
 class StudyFile:
     """A study YAML, as declared (configs/study/*.yaml; see the module docstring)."""
@@ -142,7 +146,7 @@ class StudyFile:
     def __post_init__(self) -> None:
         bad = [s for s in self.schemes if s not in SCHEMES]
         check(bool(self.schemes) and not bad, "schemes", bad or self.schemes, f"each one of {', '.join(SCHEMES)}")
-        check(self.label is None or bool(re.fullmatch(r"[A-Za-z0-9_.=,-]+", self.label)), "label", self.label,
+        check(self.label is None or bool(re.fullmatch(LABEL, self.label)), "label", self.label,
               "letters, digits and _ . = , - only")
 
 
@@ -308,7 +312,7 @@ def _check_analysis(study: Study, where: str) -> None:
     # Against the labels of every scheme, so `--schemes rope,pope` runs a subset (the report lists the
     # comparisons it could not make) while a misspelt label is refused before anything is trained.
     # A `[tag]` (a --label'd ablation, reported beside the study) names the same scheme and variant.
-    untag = lambda name: re.sub(r"\[[A-Za-z0-9_.=,-]+\]", "", name)  # noqa: E731
+    untag = lambda name: re.sub(rf"\[{LABEL}\]", "", name)  # noqa: E731
     labels = {untag(name) for name in study.labels(list(SCHEMES))}
     for pair in a.comparisons or []:
         for name in pair:
@@ -371,15 +375,6 @@ def train_scheme(study: Study, scheme: str, out: Path, seed: int | None = None, 
 NOT_IDENTITY = ("train.threads",)
 
 
-def _leaves(raw: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        return {prefix: raw}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
-    return out
-
-
 def write_run_config(out: Path, name: str, raw: dict) -> Path:
     """Write the run config of OUT/runs/<name> to OUT/configs/<name>.yaml and return its path.
 
@@ -388,7 +383,7 @@ def write_run_config(out: Path, name: str, raw: dict) -> Path:
     (e.g. an ablation's `--set data.positions=reset` pointed at the main study's OUT)."""
     cfg_path = out / "configs" / f"{name}.yaml"
     if (out / "runs" / name).exists() and cfg_path.is_file():
-        old, new = _leaves(yaml.safe_load(cfg_path.read_text()) or {}), _leaves(raw)
+        old, new = flatten(yaml.safe_load(cfg_path.read_text()) or {}), flatten(raw)
         diff = [f"{k}: {old.get(k, '(unset)')!r} there, {new.get(k, '(unset)')!r} now"
                 for k in sorted(set(old) | set(new)) if k not in NOT_IDENTITY and old.get(k) != new.get(k)]
         if diff:

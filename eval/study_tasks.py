@@ -74,7 +74,7 @@ def null_section(spectra: dict[str, dict], p: int) -> str:
     the median circular distance from a head's closest frequency pair to the nearest k*2*pi/q
     (k = 1..q-1), the heads within NEAR, and the heads closer than at the RoPE initialisation.
     A lock-on shows as p standing out from its neighbours; more targets (larger q) cover more of
-    the circle, so the null rises with q by itself."""
+    the circle, so the null distance falls with q by itself."""
     import statistics
 
     import numpy as np

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from bifocal import __version__, configs
 from bifocal.core import logs
 from bifocal.core.errors import BifocalError
-from bifocal.data_pipeline.config import SYNTHETIC_TASKS
+from bifocal.data_pipeline.synthetic import TASKS
 from bifocal.model.schemes import SCHEMES
 
 
@@ -150,7 +150,7 @@ def _study(sub: argparse._SubParsersAction) -> None:
     ext.set_defaults(handler="bifocal.eval.study_extension:main")
 
     tks = ssub.add_parser("tasks", help="train the schemes on an algorithmic task, evaluate in/out of distribution")
-    tks.add_argument("--task", required=True, choices=list(SYNTHETIC_TASKS))
+    tks.add_argument("--task", required=True, choices=list(TASKS))
     tks.add_argument("--schemes", default=None, help=f"comma-separated, of {', '.join(SCHEMES)} (default: all but nope)")
     tks.add_argument("--steps", type=int, default=None, help="training steps per scheme (default: the task config)")
     tks.add_argument("--out", default=None, help="study directory (default: runs/study-tasks-TASK)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bifocal.core import logs
+from bifocal.core.config import flatten
 from bifocal.core.errors import BifocalError
 from bifocal.run import checkpoint, safe_load
 from bifocal.run.config import RunConfig, load_config
@@ -25,15 +26,6 @@ log = logs.get_logger(__name__)
 # split only at the same global batch (check_global_batch).
 FROZEN_ON_RESUME = ("model.", "data.", "train.seed", "deepspeed.zero_stage",
                     "deepspeed.precision")
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 # Directories a config names that save_config writes absolute: the same directory is no change.
