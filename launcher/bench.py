@@ -324,32 +324,37 @@ def main(args: argparse.Namespace) -> int:
     dist.setup_environment(cfg.train.threads)
     device = dist.resolve_device(cfg.train.device)
     peak = peak_flops(device, cfg.deepspeed.precision, cfg.train.peak_tflops)
-    dist.init_distributed(device)
-    check_sequence_parallel(cfg.train.sequence_parallel, cfg.model, dist.world_size())
-    dist.init_sequence_parallel(cfg.train.sequence_parallel)  # one set of groups for every runner
-    from .setup import prepare_data
+    # The process group goes once the runners (their engines and groups) have: a group torn down at
+    # interpreter exit can abort a finished rank ("terminate called without an active exception").
+    with dist.process_group(device):
+        runners: list[Runner] = []
+        try:
+            check_sequence_parallel(cfg.train.sequence_parallel, cfg.model, dist.world_size())
+            dist.init_sequence_parallel(cfg.train.sequence_parallel)  # one set of groups for every runner
+            from .setup import prepare_data
 
-    data = prepare_data(cfg)
-    builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
-    builders += [lambda s=s, m=m: engine_runner(cfg, s, data, device, m) for s in schemes for m in modes]
-    builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
-    rounds = max(1, settings.steps // settings.block)
-    runners: list[Runner] = []
-    timing = measure(runners, builders, device, settings.warmup, rounds, settings.block)
-    rows = summarise(runners, timing, cfg, device, peak)
-    title = describe(cfg, device, peak)
-    if dist.rank() == 0:
-        print(f"\n{title}\n{rounds} rounds x {settings.block} steps per runner, medians\n")
-        print(table(rows))
-        if device != "cuda":
-            print(f"\npeak memory per scheme: n/a on CPU (one process holds every runner); "
-                  f"process peak RSS {peak_memory_mb(device)[1]:.0f} MiB")
-        if peak is None:
-            print("MFU: n/a (no peak FLOP/s known for this device; --set train.peak_tflops=...)")
-        out.mkdir(parents=True, exist_ok=True)
-        result = {"title": title, "device": device, "rounds": rounds, "block": settings.block, "warmup": settings.warmup,
-                  "peak_flops": peak, "config": cfg.to_dict(), "rows": rows}
-        (out / "bench.json").write_text(json.dumps(result, indent=1))
-        png = plot(rows, title, out / "bench.png")
-        print(f"\nbifocal: wrote {out / 'bench.json'} and {png}")
+            data = prepare_data(cfg)
+            builders = [lambda s=s: engine_runner(cfg, s, data, device) for s in schemes]
+            builders += [lambda s=s, m=m: engine_runner(cfg, s, data, device, m) for s in schemes for m in modes]
+            builders += [lambda s=s: plain_runner(cfg, s, data, device) for s in plain]
+            rounds = max(1, settings.steps // settings.block)
+            timing = measure(runners, builders, device, settings.warmup, rounds, settings.block)
+            rows = summarise(runners, timing, cfg, device, peak)
+            title = describe(cfg, device, peak)
+            if dist.rank() == 0:
+                print(f"\n{title}\n{rounds} rounds x {settings.block} steps per runner, medians\n")
+                print(table(rows))
+                if device != "cuda":
+                    print(f"\npeak memory per scheme: n/a on CPU (one process holds every runner); "
+                          f"process peak RSS {peak_memory_mb(device)[1]:.0f} MiB")
+                if peak is None:
+                    print("MFU: n/a (no peak FLOP/s known for this device; --set train.peak_tflops=...)")
+                out.mkdir(parents=True, exist_ok=True)
+                result = {"title": title, "device": device, "rounds": rounds, "block": settings.block, "warmup": settings.warmup,
+                          "peak_flops": peak, "config": cfg.to_dict(), "rows": rows}
+                (out / "bench.json").write_text(json.dumps(result, indent=1))
+                png = plot(rows, title, out / "bench.png")
+                print(f"\nbifocal: wrote {out / 'bench.json'} and {png}")
+        finally:
+            runners.clear()
     return 0
