@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,10 +26,27 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 
 
+# pytest-xdist's worker name ("gw0", "gw1", ...), absent when the suite runs in one process.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1. Under pytest-xdist each worker draws from its own block below
+    Linux's ephemeral range (32768+), so two workers never hand out the same port between the check
+    and the bind, and no outgoing connection takes it meanwhile."""
+    if WORKER is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    base = 20_000 + 1_000 * (int(WORKER.removeprefix("gw")) % 12)
+    for port in random.sample(range(base, base + 1_000), 1_000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + 999}")
 
 
 def cli_env() -> dict[str, str]:
@@ -93,3 +111,101 @@ def perturb_position_params(model) -> None:
                 p.uniform_(-2 * math.pi, 0)
             elif ".position." in name:
                 p.add_(0.05 * torch.randn_like(p))
+
+
+# -- parallel workers (pytest-xdist: the README's test command runs `-n 2 --dist loadgroup`) --------
+#
+# Tests that share a module- or class-scoped fixture (often a whole multi-rank run) form one group,
+# which runs on one worker, so the fixture is built once. xdist's own `loadgroup` reads
+# `xdist_group` marks through node ids that pytest 9.2 no longer lets it change
+# (pytest-dev/pytest-xdist#1386: it silently stops grouping), so the groups travel another way:
+# each worker writes them, as it collects, to a directory the controller named, and the controller
+# schedules with them (GroupScheduling). tests/test_parallel.py fails if either end stops working.
+
+GROUPS = "bifocal_groups"  # the directory's key in each worker's workerinput
+
+
+def pytest_configure(config) -> None:
+    if WORKER is not None:
+        import torch
+
+        # Two workers share two cores: one intra-op thread each, as every CLI subprocess gets
+        # (cli_env), instead of four threads spinning against each other.
+        torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config) -> None:
+    if hasattr(config, "_bifocal_groups"):
+        import shutil
+
+        shutil.rmtree(config._bifocal_groups, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Controller: the directory where every worker writes its groups."""
+    config = node.config
+    if not hasattr(config, "_bifocal_groups"):
+        import tempfile
+
+        config._bifocal_groups = tempfile.mkdtemp(prefix="bifocal-groups-")
+    node.workerinput[GROUPS] = config._bifocal_groups
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Controller, `--dist loadgroup`: schedule by the groups the workers wrote."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's scope scheduler (a group is one unit of work, given to whichever worker runs
+        low) with our groups as scopes, in the workers' collection order (heaviest first)."""
+
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # keep the order the workers sorted
+            self.groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # every worker has collected (and written) by the first call
+                self.groups = {}
+                for path in Path(config._bifocal_groups).glob("*.json"):
+                    self.groups.update(json.loads(path.read_text()))
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Worker: group the tests that share a module- or class-scoped fixture (union over shared
+    fixtures), then order them for the scheduler: groups first, then the tests that use the
+    prepared tiny corpus (most start processes), then the rest, so the short tests fill the end
+    and no worker idles while the other finishes a long one. Reads `item._fixtureinfo` (pytest's,
+    not public); tests/test_parallel.py fails if it changes."""
+    directory = getattr(config, "workerinput", {}).get(GROUPS)
+    if directory is None:
+        return
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared: dict[int, list[str]] = {}
+    for i, item in enumerate(items):
+        keys = [f"{item.module.__name__}.{name}" for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                if defs and defs[-1].scope in ("module", "class", "package")]
+        shared[i] = keys
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+    groups = {item.nodeid: root(shared[i][0]) for i, item in enumerate(items) if shared[i]}
+    order = {id(item): (0 if shared[i] else 1 if "tiny_config" in item.fixturenames else 2, i)
+             for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
+    tmp = Path(directory) / f".{WORKER}.json"
+    tmp.write_text(json.dumps(groups))
+    tmp.replace(Path(directory) / f"{WORKER}.json")  # whole or absent for the controller
