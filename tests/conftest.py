@@ -10,11 +10,14 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import settings
+
+from zygote import Zygote
 
 # Fuzz tests (tests/test_fuzz.py): CI runs a fixed set of examples (derandomized, so a red run is
 # reproducible and never random); BIFOCAL_FUZZ=random draws 20x more, new ones each run, by hand.
@@ -57,13 +60,43 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+# Test processes are forked from a server with torch already imported (tests/zygote.py: the
+# same process, ~2 s of CPU less each); BIFOCAL_TEST_ZYGOTE=0 starts each with a fresh interpreter.
+ZYGOTE = Zygote(lambda: cli_env()) if os.environ.get("BIFOCAL_TEST_ZYGOTE", "1") != "0" else None
+
+
+def start(argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path | None = None):
+    """`python ARGV` (["-m", MODULE, ...] or [SCRIPT, ...]) in its own process, stdout and stderr
+    into files (stderr None: into stdout's file); a Popen (or its stand-in: poll, wait, kill)."""
+    if ZYGOTE is not None:
+        return ZYGOTE.spawn(argv, cwd, env, stdout, stderr)
+    out = open(stdout, "ab")
+    err = subprocess.STDOUT if stderr is None else open(stderr, "ab")
+    try:
+        return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    finally:
+        out.close()
+        if stderr is not None:
+            err.close()
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`bifocal ARGS` in a fresh process, as a user would run it."""
-    proc = subprocess.run([sys.executable, "-m", "bifocal.launcher.cli", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"bifocal {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    """`bifocal ARGS` in its own process, as a user would run it (`start`)."""
+    with tempfile.TemporaryDirectory(prefix="bifocal-cli-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = start(["-m", "bifocal.launcher.cli", *args], cwd, cli_env(), out, err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        result = subprocess.CompletedProcess([sys.executable, "-m", "bifocal.launcher.cli", *args], proc.returncode,
+                                             out.read_text(), err.read_text())
+    if check and result.returncode != 0:
+        raise AssertionError(f"bifocal {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
 
 
 def _slice(src: Path, dst: Path, n_docs: int, chars: int) -> None:
@@ -135,6 +168,8 @@ def pytest_configure(config) -> None:
 
 
 def pytest_unconfigure(config) -> None:
+    if ZYGOTE is not None:
+        ZYGOTE.close()
     if hasattr(config, "_bifocal_groups"):
         import shutil
 

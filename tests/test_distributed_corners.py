@@ -33,7 +33,7 @@ import torch
 from bifocal.run import checkpoint
 from bifocal.run.config import load_config
 
-from conftest import cli_env, free_port, run_cli
+from conftest import cli_env, free_port, run_cli, start
 
 INJECT_NAN = Path(__file__).with_name("inject_nan.py")
 
@@ -42,24 +42,22 @@ def launch(args: list[str], cwd: Path, ranks: int = 2, env: dict[str, str] | Non
            script: Path | None = None, timeout: float = 300) -> list[tuple[int, str]]:
     """`bifocal train ARGS` (or `python SCRIPT ARGS`) on `ranks` ranks; (exit status, output) per rank."""
     port, procs = str(free_port()), []
-    cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "bifocal.launcher.cli", "train"]
+    argv = [str(script)] if script else ["-m", "bifocal.launcher.cli", "train"]
     for rank in range(ranks):
         rank_env = {**cli_env(), **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                     "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        log = open(cwd / f"rank{rank}-{port}.log", "w+")  # a file, not a pipe: a full pipe would stall a collective
-        procs.append((subprocess.Popen([*cmd, *args], cwd=cwd, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))
+        log = cwd / f"rank{rank}-{port}.log"  # a file, not a pipe: a full pipe would stall a collective
+        procs.append((start([*argv, *args], cwd, rank_env, log), log))
     results = []
     try:
         for proc, log in procs:
             code = proc.wait(timeout=timeout)
-            log.seek(0)
-            results.append((code, log.read()))
+            results.append((code, log.read_text()))
     finally:
-        for proc, log in procs:  # a rank left waiting for a peer that timed out would run on
+        for proc, _ in procs:  # a rank left waiting for a peer that timed out would run on
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.close()
     return results
 
 
