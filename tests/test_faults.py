@@ -324,17 +324,14 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(zero1_run, tmp_pa
 
 def test_second_start_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_config, tmp_path):
     import signal
-    import subprocess
-    import sys
     import time
 
-    from conftest import cli_env
+    from conftest import cli_env, start
 
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config),
-                              "--run-dir", str(run_dir), "--set", "train.max_steps=100000", "--set", "train.save_every=2",
-                              "--set", "train.eval_every=0"], cwd=tmp_path, env=cli_env(),
-                             stdout=subprocess.DEVNULL, stderr=(log := open(tmp_path / "first.log", "w")))
+    first = start(["-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config), "--run-dir", str(run_dir),
+                   "--set", "train.max_steps=100000", "--set", "train.save_every=2", "--set", "train.eval_every=0"],
+                  tmp_path, cli_env(), Path(os.devnull), tmp_path / "first.log")
     try:
         deadline = time.time() + 240
         # Any complete checkpoint: with save_every=2 and keep_last=2 a given step's one is pruned
@@ -352,7 +349,6 @@ def test_second_start_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_confi
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-        log.close()
     assert (run_dir / ".lock").exists()  # left behind by kill -9: stale
     at = checkpoint_steps(run_dir)[-1]
     run_cli(["train", "--resume", "--run-dir", str(run_dir), "--set", f"train.max_steps={at + 1}"], tmp_path)
@@ -515,17 +511,14 @@ def test_full_disk_mid_run_is_one_line_removes_the_partial_checkpoint_and_resume
 
 
 def _start_and_wait_for_a_checkpoint(tiny_config, tmp_path, run_dir, save_every: int = 2):
-    import subprocess
-    import sys
     import time
 
-    from conftest import cli_env
+    from conftest import cli_env, start
 
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config),
-                             "--run-dir", str(run_dir), "--set", "train.max_steps=100000", f"train.save_every={save_every}",
-                             "train.eval_every=0"], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"))
+    proc = start(["-m", "bifocal.launcher.cli", "train", "--config", str(tiny_config), "--run-dir", str(run_dir),
+                  "--set", "train.max_steps=100000", f"train.save_every={save_every}", "train.eval_every=0"],
+                 tmp_path, cli_env(), Path(os.devnull), log)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints").is_dir() or not checkpoint_steps(run_dir):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]

@@ -78,7 +78,8 @@ def test_tests_sharing_a_module_fixture_run_on_one_worker_which_builds_it_once(t
 PROBE = '''
 import atexit, json, os, sys
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": os.environ.get("PROBE"), "stdin": sys.stdin.read(),
-                  "path0": sys.path[0], "fresh": [m for m in ("bifocal", "deepspeed", "transformers", "matplotlib") if m in sys.modules],
+                  "path0": sys.path[0],
+                  "fresh": [m for m in ("bifocal", "deepspeed", "transformers", "safetensors") if m in sys.modules],
                   "torch": "torch" in sys.modules, "pid": os.getpid(), "ppid": os.getppid()}))
 print("to stderr", file=sys.stderr)
 atexit.register(lambda: open("atexit", "w").write("ran"))
@@ -95,7 +96,8 @@ sys.exit(int(sys.argv[1]))
 def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypatch, zygote):
     """The same observable start for a forked process as for `python SCRIPT`: argv, cwd, its own
     environment, stdin empty, sys.path[0] the script's folder, stdout and stderr in their files,
-    bifocal / DeepSpeed / transformers / matplotlib not yet imported, atexit handlers at exit, the exit status."""
+    bifocal / DeepSpeed / transformers / safetensors not yet imported, atexit handlers at exit,
+    the exit status."""
     import signal
 
     import conftest
@@ -120,7 +122,7 @@ def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypat
     assert seen["argv"] == [str(script), "3"] and seen["cwd"] == str(work) and seen["env"] == "here"
     assert seen["stdin"] == "" and seen["path0"] == str(script.parent) and seen["fresh"] == []
     assert seen["pid"] == proc.pid
-    assert seen["torch"] == zygote  # the one thing the server did before the fork
+    assert seen["torch"] == zygote  # what the server imported before the fork (PRELOAD)
     assert err.read_text() == "to stderr\n"
     assert (work / "atexit").read_text() == "ran"
 

@@ -1,16 +1,20 @@
 """Test processes forked from a server that has already imported torch.
 
-Every `bifocal` process a test starts pays ~2 s of CPU to import torch and `torch._dynamo` (which
-`torch.optim` imports when an optimizer is built) before it does anything of its own; the suite
-starts hundreds. Here a server process (one per pytest worker) imports those two once and forks
-each test process from itself, the way DeepSpeed's own tests reuse a warm process
-(deepspeed/tests/unit/common.py). What a forked process does is what a fresh one does: its own pid,
-environment, working directory, stdin (/dev/null), stdout/stderr files and `sys.argv`; bifocal,
-DeepSpeed and everything else are imported fresh in it, so their import-time output and settings are
-its own; it runs `python -m MODULE` or `python SCRIPT` through runpy and ends with a normal
-interpreter exit (atexit handlers, finalisation: where a badly torn-down process group aborts).
-What it does not repeat is torch's own import (with numpy, which torch imports), which reads no
-setting a test changes.
+Every `bifocal` process a test starts pays ~2.5 s of CPU to import torch, `torch._dynamo` (which
+`torch.optim` imports when an optimizer is built), TensorBoard's writer and matplotlib before it
+does anything of its own; the suite starts hundreds. Here a server process (one per pytest worker)
+imports those once (PRELOAD) and forks each test process from itself. (DeepSpeed's own tests go
+further: they keep a pool of processes, and its process group, from one test to the next:
+`reuse_dist_env` in tests/unit/common.py.)
+
+What a forked process does is what a fresh one does: its own pid, environment, working directory,
+stdin (/dev/null), stdout/stderr files and `sys.argv`; bifocal, DeepSpeed and everything else are
+imported fresh in it, so their import-time output and settings are its own; it runs `python -m
+MODULE` or `python SCRIPT` through runpy and ends with a normal interpreter exit (atexit handlers,
+finalisation: where a badly torn-down process group aborts). What it does not repeat is the import
+of PRELOAD (with numpy, which torch imports), which prints nothing and reads no setting a test
+changes; torch's OpenMP runtime reads OMP_NUM_THREADS as it loads, so every forked process has the
+server's 1, the value cli_env gives every test process anyway.
 
 Server protocol (JSON lines): the client writes {"argv", "cwd", "env", "stdout", "stderr"}; the
 server answers {"pid": N} once forked and {"exit": N, "status": S} when the process ends (the server
@@ -28,7 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PRELOAD = ("torch", "torch._dynamo")
+# Silent at import and reading no setting a test changes; the last two: what every run's rank 0 plots
+# and logs with (matplotlib picks no backend until a figure is made, and bifocal picks Agg first).
+PRELOAD = ("torch", "torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot")
 
 
 class ZygoteProcess:
