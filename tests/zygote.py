@@ -1,11 +1,11 @@
 """Test processes forked from a server that has already imported torch.
 
-Every `bifocal` process a test starts pays ~2.5 s of CPU to import torch, `torch._dynamo` (which
-`torch.optim` imports when an optimizer is built), TensorBoard's writer and matplotlib before it
-does anything of its own; the suite starts hundreds. Here a server process (one per pytest worker)
-imports those once (PRELOAD) and forks each test process from itself. (DeepSpeed's own tests go
-further: they keep a pool of processes, and its process group, from one test to the next:
-`reuse_dist_env` in tests/unit/common.py.)
+Every `bifocal` process a test starts pays ~2 s of CPU to import torch and `torch._dynamo` (which
+`torch.optim` imports when an optimizer is built) before it does anything of its own; the suite
+starts hundreds. Here a server process (one per pytest worker) imports those once (PRELOAD) and
+forks each test process from itself. (DeepSpeed's own tests go further: they keep a pool of
+processes, and its process group, from one test to the next: `reuse_dist_env` in
+tests/unit/common.py.)
 
 What a forked process does is what a fresh one does: its own pid, environment, working directory,
 stdin (/dev/null), stdout/stderr files and `sys.argv`; bifocal, DeepSpeed and everything else are
@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Silent at import and reading no setting a test changes; the last two: what every run's rank 0 plots
-# and logs with (matplotlib picks no backend until a figure is made, and bifocal picks Agg first).
-PRELOAD = ("torch", "torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot")
+# Silent at import, and reading no setting a test changes. (TensorBoard's writer and matplotlib as
+# well measured no faster: the suite in 10:51 against 10:31, within run-to-run spread.)
+PRELOAD = ("torch", "torch._dynamo")
 
 
 class ZygoteProcess:
