@@ -62,7 +62,7 @@ def cli_env() -> dict[str, str]:
 
 # Test processes are forked from a server with torch already imported (tests/zygote.py: the
 # same process, ~2 s of CPU less each); BIFOCAL_TEST_ZYGOTE=0 starts each with a fresh interpreter.
-ZYGOTE = Zygote(lambda: cli_env()) if os.environ.get("BIFOCAL_TEST_ZYGOTE", "1") != "0" else None
+ZYGOTE = Zygote(cli_env) if os.environ.get("BIFOCAL_TEST_ZYGOTE", "1") != "0" else None
 
 
 def start(argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path | None = None):
@@ -181,8 +181,6 @@ def pytest_configure_node(node) -> None:
     """Controller: the directory where every worker writes its groups."""
     config = node.config
     if not hasattr(config, "_bifocal_groups"):
-        import tempfile
-
         config._bifocal_groups = tempfile.mkdtemp(prefix="bifocal-groups-")
     node.workerinput[GROUPS] = config._bifocal_groups
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -66,8 +67,6 @@ class ZygoteProcess:
                 pass
 
     def kill(self) -> None:
-        import signal
-
         self.send_signal(signal.SIGKILL)
 
 
@@ -119,6 +118,8 @@ class Zygote:
         if self.proc is None or not self.readable(timeout):
             return
         chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if not chunk:  # the server ended: no exit status will ever come (rather than wait forever)
+            raise RuntimeError(f"the zygote server ended (exit {self.proc.wait()})")
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
@@ -205,7 +206,7 @@ def _serve() -> None:
         if not chunk:  # the client is gone: end the children it left and exit
             for pid in children:
                 try:
-                    os.kill(pid, 9)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             return
