@@ -76,8 +76,11 @@ def test_tests_sharing_a_module_fixture_run_on_one_worker_which_builds_it_once(t
 # -- test processes forked from a warm server (tests/zygote.py) ----------------------------------
 
 PROBE = '''
-import atexit, json, os, sys
-print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": os.environ.get("PROBE"), "stdin": sys.stdin.read(),
+import atexit, gc, json, os, sys
+cycle = []
+cycle.append(cycle)
+del cycle
+print(json.dumps({"gc": [gc.isenabled(), gc.collect() > 0],"argv": sys.argv, "cwd": os.getcwd(), "env": os.environ.get("PROBE"), "stdin": sys.stdin.read(),
                   "path0": sys.path[0],
                   "fresh": [m for m in ("bifocal", "deepspeed", "transformers", "safetensors") if m in sys.modules],
                   "torch": "torch" in sys.modules, "pid": os.getpid(), "ppid": os.getppid()}))
@@ -96,8 +99,8 @@ sys.exit(int(sys.argv[1]))
 def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypatch, zygote):
     """The same observable start for a forked process as for `python SCRIPT`: argv, cwd, its own
     environment, stdin empty, sys.path[0] the script's folder, stdout and stderr in their files,
-    bifocal / DeepSpeed / transformers / safetensors not yet imported, atexit handlers at exit,
-    the exit status."""
+    bifocal / DeepSpeed / transformers / safetensors not yet imported, the garbage collector on,
+    atexit handlers at exit, the exit status."""
     import signal
 
     import conftest
@@ -123,6 +126,7 @@ def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypat
     assert seen["stdin"] == "" and seen["path0"] == str(script.parent) and seen["fresh"] == []
     assert seen["pid"] == proc.pid
     assert seen["torch"] == zygote  # what the server imported before the fork (PRELOAD)
+    assert seen["gc"] == [True, True]  # the collector runs and frees the process's own garbage
     assert err.read_text() == "to stderr\n"
     assert (work / "atexit").read_text() == "ran"
 
