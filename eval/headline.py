@@ -19,12 +19,29 @@ import json
 import re
 import sys
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
+
+from bifocal.model.schemes import SCHEMES
 
 from .protocol import describe_protocol
 
-DEFAULT_LABELS = ("rope", "rope+yarn(x16)", "rope+yarn(matched)", "rope+ntk(x16)", "rope+ntk(matched)", "bifocal",
-                  "spectral", "pope")
+BASELINE_SCALINGS = ("yarn", "ntk")
+"""The training-free scalings (model/schemes.py SCALINGS) whose RoPE rows the headline shows
+beside RoPE's own: the field's usual long-context baselines."""
+
+
+def default_labels(present: Iterable[str]) -> list[str]:
+    """The headline's rows among the labels `present` (in their order): every scheme's own row in
+    the registry's order (model/schemes.py), and after RoPE's its BASELINE_SCALINGS rows (each
+    factor the study ran, e.g. `rope+yarn(x16)`, `rope+yarn(matched)`)."""
+    present = list(dict.fromkeys(present))
+    out = []
+    for name in SCHEMES:
+        out += [name] if name in present else []
+        if name == "rope":
+            out += [x for s in BASELINE_SCALINGS for x in present if x.startswith(f"rope+{s}(")]
+    return out
 
 
 def _cell(mean: float | None, std: float | None, seeds: int, digits: int = 1) -> str:
@@ -43,9 +60,10 @@ def default_protocol(report: dict[str, Any]) -> str | None:
     return next((r.get("protocol") for r in report.get("ppl_summary", [])), None)
 
 
-def length_table(summary: list[dict[str, Any]], labels: list[str] | tuple[str, ...] = DEFAULT_LABELS,
-                 protocol: str | None = None) -> str:
-    """Markdown table: one row per label present in `summary` (rows of `protocol`), in the order of `labels`."""
+def length_table(summary: list[dict[str, Any]], labels: list[str] | None = None, protocol: str | None = None) -> str:
+    """Markdown table: one row per label present in `summary` (rows of `protocol`), in the order of
+    `labels` (None: default_labels)."""
+    labels = default_labels(r["label"] for r in summary) if labels is None else labels
     rows = [r for r in summary if r["label"] in labels and r.get("protocol") == protocol]
     lengths = sorted({r["length"] for r in rows})
     if not lengths:
@@ -66,10 +84,12 @@ def length_table(summary: list[dict[str, Any]], labels: list[str] | tuple[str, .
     return "\n".join(out) + "\n"
 
 
-def analysis_tables(analysis: dict[str, Any] | None, labels: list[str] | tuple[str, ...] = DEFAULT_LABELS) -> str:
-    """The declared endpoints per label (perplexity with its interval) and every comparison."""
+def analysis_tables(analysis: dict[str, Any] | None, labels: list[str] | None = None) -> str:
+    """The declared endpoints per label (perplexity with its interval; `labels` None: default_labels)
+    and every comparison."""
     if not analysis:
         return ""
+    labels = default_labels(e["label"] for e in analysis["labels"]) if labels is None else labels
     level = f"{100 * (1 - analysis['declared']['alpha']):g}%"
     names = [e["name"] for e in analysis["declared"]["endpoints"]]
     values = {(e["endpoint"], e["label"]): e for e in analysis["labels"]}
@@ -91,10 +111,11 @@ def analysis_tables(analysis: dict[str, Any] | None, labels: list[str] | tuple[s
     return "\n".join(out) + "\n"
 
 
-def headline(report: dict[str, Any], labels: list[str] | tuple[str, ...] = DEFAULT_LABELS,
-             protocol: str | None = None) -> str:
-    """The length table of `protocol` (default: default_protocol), then the analysis tables if any."""
+def headline(report: dict[str, Any], labels: list[str] | None = None, protocol: str | None = None) -> str:
+    """The length table of `protocol` (default: default_protocol), then the analysis tables if any;
+    rows in the order of `labels` (None: default_labels)."""
     protocol = protocol if protocol is not None else default_protocol(report)
+    labels = default_labels(r["label"] for r in report["ppl_summary"]) if labels is None else labels
     table = length_table(report["ppl_summary"], labels, protocol)
     if protocol is not None and table:  # reports written before protocols were recorded: the table alone
         shown = [x for x in labels if f"| {x} |" in table]
@@ -144,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="report.json written by `bifocal study extrapolation` or `bifocal eval report` (one per corpus)")
     p.add_argument("--names", default=None, help="comma-separated corpus names, one per report (default: each "
                                                  "report's directory name)")
-    p.add_argument("--labels", default=",".join(DEFAULT_LABELS), help="comma-separated row labels, in order")
+    p.add_argument("--labels", default=None, help="comma-separated row labels, in order (default: every "
+                                                  "scheme's own row in the registry's order, RoPE's followed by "
+                                                  "its " + " and ".join(BASELINE_SCALINGS) + " rows)")
     p.add_argument("--protocol", default=None, help="the protocol of the length table (default: the first "
                                                     "endpoint's, else the first in the report)")
     args = p.parse_args(argv)
@@ -161,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bifocal: error: {path}: no ppl_summary in a readable report.json ({exc})", file=sys.stderr)
             return 2
         reports[name] = report
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     if len(reports) == 1:
         print(headline(next(iter(reports.values())), labels, args.protocol), end="")
         return 0

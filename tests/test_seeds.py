@@ -110,6 +110,21 @@ def test_headline_table_from_report_json(tmp_path, capsys):
     assert main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_headline_rows_follow_the_scheme_registry():
+    """Without --labels: every scheme's own row in the registry's order, RoPE's followed by its
+    baseline scalings' rows (each factor run); no scheme list of its own to drift."""
+    from bifocal.eval.headline import BASELINE_SCALINGS, default_labels
+    from bifocal.model.schemes import SCALINGS, SCHEMES
+
+    assert set(BASELINE_SCALINGS) <= set(SCALINGS)
+    present = ["pope", "rope+pi(x16)", "rope+yarn(matched)", "bifocal", "rope", "rope+yarn(x16)", "nope",
+               "bifocal+yarn(x16)", "spectral", "rope+ntk(x16)", "pope"]
+    assert default_labels(present) == [
+        "rope", "rope+yarn(matched)", "rope+yarn(x16)", "rope+ntk(x16)", "bifocal", "spectral", "pope", "nope"]
+    assert [x for x in default_labels(present) if "+" not in x] == [n for n in SCHEMES if n in present]
+    assert default_labels(["pope", "bifocal"]) == ["bifocal", "pope"]
+
+
 def test_headline_across_corpora_says_where_a_verdict_holds_on_every_corpus(tmp_path, capsys):
     from bifocal.eval.headline import main
 
