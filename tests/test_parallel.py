@@ -96,7 +96,7 @@ sys.exit(int(sys.argv[1]))
 
 
 @pytest.mark.parametrize("zygote", [True, False], ids=["forked", "fresh"])
-def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypatch, zygote):
+def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypatch, request, zygote):
     """The same observable start for a forked process as for `python SCRIPT`: argv, cwd, its own
     environment, stdin empty, sys.path[0] the script's folder, stdout and stderr in their files,
     bifocal / DeepSpeed / transformers / safetensors not yet imported, the garbage collector on,
@@ -107,6 +107,11 @@ def test_a_test_process_is_what_a_fresh_interpreter_would_be(tmp_path, monkeypat
 
     if not zygote:
         monkeypatch.setattr(conftest, "ZYGOTE", None)
+    elif conftest.ZYGOTE is None:  # the suite runs with BIFOCAL_TEST_ZYGOTE=0: test a server of our own
+        from zygote import Zygote
+
+        monkeypatch.setattr(conftest, "ZYGOTE", Zygote(cli_env))
+        request.addfinalizer(conftest.ZYGOTE.close)
     script = tmp_path / "probe" / "probe.py"
     script.parent.mkdir()
     script.write_text(PROBE)
