@@ -18,8 +18,8 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from bifocal.model.schemes import SCHEMES
@@ -37,8 +37,8 @@ def default_labels(present: Iterable[str]) -> list[str]:
     factor the study ran, e.g. `rope+yarn(x16)`, `rope+yarn(matched)`)."""
     present = list(dict.fromkeys(present))
     out = []
-    for name in SCHEMES:
-        out += [name] if name in present else []
+    for name in (n for n in SCHEMES if n in present):
+        out.append(name)
         if name == "rope":
             out += [x for s in BASELINE_SCALINGS for x in present if x.startswith(f"rope+{s}(")]
     return out
@@ -60,10 +60,8 @@ def default_protocol(report: dict[str, Any]) -> str | None:
     return next((r.get("protocol") for r in report.get("ppl_summary", [])), None)
 
 
-def length_table(summary: list[dict[str, Any]], labels: list[str] | None = None, protocol: str | None = None) -> str:
-    """Markdown table: one row per label present in `summary` (rows of `protocol`), in the order of
-    `labels` (None: default_labels)."""
-    labels = default_labels(r["label"] for r in summary) if labels is None else labels
+def length_table(summary: list[dict[str, Any]], labels: list[str], protocol: str | None = None) -> str:
+    """Markdown table: one row per label present in `summary` (rows of `protocol`), in the order of `labels`."""
     rows = [r for r in summary if r["label"] in labels and r.get("protocol") == protocol]
     lengths = sorted({r["length"] for r in rows})
     if not lengths:
@@ -84,12 +82,10 @@ def length_table(summary: list[dict[str, Any]], labels: list[str] | None = None,
     return "\n".join(out) + "\n"
 
 
-def analysis_tables(analysis: dict[str, Any] | None, labels: list[str] | None = None) -> str:
-    """The declared endpoints per label (perplexity with its interval; `labels` None: default_labels)
-    and every comparison."""
+def analysis_tables(analysis: dict[str, Any] | None, labels: list[str]) -> str:
+    """The declared endpoints per label (perplexity with its interval) and every comparison."""
     if not analysis:
         return ""
-    labels = default_labels(e["label"] for e in analysis["labels"]) if labels is None else labels
     level = f"{100 * (1 - analysis['declared']['alpha']):g}%"
     names = [e["name"] for e in analysis["declared"]["endpoints"]]
     values = {(e["endpoint"], e["label"]): e for e in analysis["labels"]}

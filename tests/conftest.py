@@ -61,7 +61,7 @@ def cli_env() -> dict[str, str]:
 
 
 # Test processes are forked from a server with torch already imported (tests/zygote.py: the
-# same process, ~2 s of CPU less each); BIFOCAL_TEST_ZYGOTE=0 starts each with a fresh interpreter.
+# same process, at half the CPU); BIFOCAL_TEST_ZYGOTE=0 starts each with a fresh interpreter.
 ZYGOTE = Zygote(cli_env) if os.environ.get("BIFOCAL_TEST_ZYGOTE", "1") != "0" else None
 
 

@@ -2,11 +2,10 @@
 
 Every `bifocal` process a test starts pays ~2 s of CPU to import torch and `torch._dynamo` (which
 `torch.optim` imports when an optimizer is built) before it does anything of its own; the suite
-starts hundreds. Here a server process (one per pytest worker) imports those once (PRELOAD, with
-TensorBoard's writer and pyplot, which a training run's rank 0 writes with), freezes them out of the
-garbage collector's walks (`gc.freeze`) and forks each test process from itself. (DeepSpeed's own tests go further: they keep a pool of
-processes, and its process group, from one test to the next: `reuse_dist_env` in
-tests/unit/common.py.)
+starts hundreds. Here a server process (one per pytest worker) imports those once (PRELOAD), freezes
+them out of the garbage collector's walks (`gc.freeze`) and forks each test process from itself.
+(DeepSpeed's own tests go further: they keep a pool of processes, and its process group, from one
+test to the next: `reuse_dist_env` in tests/unit/common.py.)
 
 What a forked process does is what a fresh one does: its own pid, environment, working directory,
 stdin (/dev/null), stdout/stderr files and `sys.argv`; bifocal, DeepSpeed and everything else are
@@ -14,8 +13,9 @@ imported fresh in it, so their import-time output and settings are its own; it r
 MODULE` or `python SCRIPT` through runpy and ends with a normal interpreter exit (atexit handlers,
 finalisation: where a badly torn-down process group aborts). What it does not repeat is the import
 of PRELOAD (with numpy, which torch imports), which prints nothing and reads no setting a test
-changes (matplotlib reads MPLBACKEND, MPLCONFIGDIR and a matplotlibrc: no test sets them); torch's OpenMP runtime reads OMP_NUM_THREADS as it loads, so every forked process has the
-server's 1, the value cli_env gives every test process anyway.
+changes (matplotlib reads MPLBACKEND, MPLCONFIGDIR and a matplotlibrc: no test sets them); torch's
+OpenMP runtime reads OMP_NUM_THREADS as it loads, so every forked process has the server's 1, the
+value cli_env gives every test process anyway.
 
 Server protocol (JSON lines): the client writes {"argv", "cwd", "env", "stdout", "stderr"}; the
 server answers {"pid": N} once forked and {"exit": N, "status": S} when the process ends (the server
@@ -35,8 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Silent at import, and reading no setting a test changes. With the server's collector frozen
-# (below), TensorBoard's writer and pyplot save ~0.5 s of CPU per training run (rank 0 writes both).
+# Silent at import. TensorBoard's writer and pyplot: every training run's rank 0 writes with both.
 PRELOAD = ("torch", "torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot")
 
 
@@ -184,9 +183,8 @@ def _serve() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    # Move what was imported out of the collector's reach, as the gc docs advise for a process that
-    # forks without exec: else every full collection in every child walks torch's million objects
-    # again (about 1 s of a short training run's 3 s of CPU). Children collect their own objects.
+    # As the gc docs advise for a process that forks without exec: else every full collection in
+    # every child walks torch's objects again (a third of a short training run's CPU).
     gc.freeze()
     send = sys.stdout.buffer
 
